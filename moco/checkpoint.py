@@ -1,0 +1,163 @@
+"""Checkpoint files: crash-safe writing, safe reading, and the key names of every flavour.
+
+Pretraining files (the original's format): {'epoch', 'arch', 'state_dict', 'optimizer'},
+state_dict keys 'module.encoder_q.*', 'module.encoder_k.*', 'module.queue',
+'module.queue_ptr'. Files are read with torch.load(weights_only=True): tensors, numbers,
+strings, lists, tuples and dicts only, so a crafted file cannot run code.
+"""
+
+import os
+import pickle
+import re
+
+import torch
+
+from moco.utils import UsageError
+
+# prefixes under which a MoCo file holds its query encoder
+ENCODER_PREFIXES = (
+    "module.encoder_q.",  # the original's and this project's pretraining files
+    "encoder_q.",  # a MoCo model saved without DistributedDataParallel
+    "module.base_encoder.",  # MoCo v3 ResNet files
+    "base_encoder.",
+)
+HEAD_PREFIX = "fc."
+
+
+class CheckpointError(UsageError):
+    """A file that is missing, unreadable, unsafe or of the wrong kind."""
+
+
+def save_checkpoint(state, path):
+    """
+    Write `state` to `path` so that a kill or a full disk at any moment leaves either
+    the previous file or the new one under that name, never a partial file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, map_location="cpu", what="checkpoint"):
+    """torch.load(weights_only=True) with one-line errors for every way it can fail."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path!r} does not exist (check the path)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{what} {path!r} was refused: it holds objects other than tensors, numbers, "
+            f"strings and containers, which could run code when loaded ({first}). "
+            "Load only files you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{what} {path!r} cannot be read ({first}); it is truncated or not a PyTorch "
+            "checkpoint"
+        ) from None
+
+
+def _state_dict_of(obj, path):
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"]
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"]
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return obj
+    raise CheckpointError(f"{path!r} holds no state_dict: it is not a model checkpoint")
+
+
+def encoder_state_dict(obj, path="checkpoint", keep_head=False):
+    """
+    The backbone of any checkpoint flavour with torchvision names, without the head
+    `fc.*` unless keep_head; returns (state_dict, the prefix it was found under).
+    Accepts: pretraining files of this project and of the original (module.encoder_q.*),
+    MoCo models saved without DDP (encoder_q.*), MoCo v3 ResNet files
+    (module.base_encoder.*), linear-classification files (module.*) and plain
+    torchvision state_dicts.
+    """
+    state_dict = _state_dict_of(obj, path)
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in state_dict):
+            break
+    else:
+        if any(re.search(r"(^|\.)(encoder_q|encoder_k|base_encoder|queue)(\.|$)", k) for k in state_dict):
+            raise CheckpointError(
+                f"{path!r} holds a MoCo model under an unknown prefix; expected one of "
+                + ", ".join(ENCODER_PREFIXES)
+            )
+        # a linear-classification file (module.*) or a plain torchvision state_dict
+        prefix = "module." if all(k.startswith("module.") for k in state_dict) else ""
+    encoder = {
+        k[len(prefix) :]: v
+        for k, v in state_dict.items()
+        if k.startswith(prefix) and (keep_head or not k[len(prefix) :].startswith(HEAD_PREFIX))
+    }
+    if not encoder:
+        raise CheckpointError(f"{path!r} holds no encoder tensors under {prefix!r}")
+    return encoder, prefix
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
+LAST_NAME = "checkpoint_last.pth.tar"
+
+
+def list_checkpoints(directory):
+    """Pretraining checkpoints in `directory`, newest first by their file name."""
+    found = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        m = CHECKPOINT_RE.match(name)
+        if m:
+            found.append(os.path.join(directory, name))
+    found.sort(key=lambda p: int(CHECKPOINT_RE.match(os.path.basename(p)).group(1)), reverse=True)
+    return found
+
+
+def find_latest_checkpoint(directory):
+    """
+    The checkpoint with the most training done (epoch, then step within the epoch)
+    among those in `directory` that load; None when there is none.
+    """
+    candidates = list_checkpoints(directory)
+    last = os.path.join(directory, LAST_NAME)
+    if os.path.isfile(last):
+        candidates.insert(0, last)
+    best, best_key = None, None
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        key = (ckpt.get("epoch", 0), ckpt.get("iter", 0))
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+        if path != last:  # epoch files are sorted: the first readable one is the newest
+            break
+    return best
+
+
+def remove_old_checkpoints(directory, keep_last):
+    """Keep the newest `keep_last` epoch checkpoints (0 keeps all)."""
+    if keep_last <= 0:
+        return
+    for path in list_checkpoints(directory)[keep_last:]:
+        os.remove(path)

@@ -1,0 +1,231 @@
+"""Process start-up for every launch mode, and helpers that are no-ops with one process.
+
+Launch modes (one code path each script shares):
+- one process: `python main_moco.py DATA` (a GPU if there is one, `--gpu N`, or the CPU)
+- the original's: `--multiprocessing-distributed --world-size NODES --rank NODE
+  --dist-url tcp://HOST:PORT`, one process per GPU (or `--procs-per-node` CPU processes)
+- torchrun / `--dist-url env://`: RANK, WORLD_SIZE and LOCAL_RANK from the environment
+- `--world-size W --rank R --dist-url ...` without spawning: one process per node
+`-b` is the batch of one node, split evenly over that node's processes.
+"""
+
+import datetime
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moco.utils import UsageError, logger
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume it
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    procs_per_node: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _under_torchrun():
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def procs_per_node(args):
+    """Processes this node runs: LOCAL_WORLD_SIZE under torchrun, else one per GPU."""
+    if _under_torchrun():
+        return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if not args.multiprocessing_distributed:
+        return 1
+    if args.procs_per_node:
+        return args.procs_per_node
+    return max(torch.cuda.device_count(), 1)
+
+
+def check_launch_args(args):
+    """Refuse impossible launch settings before any process starts."""
+    if _under_torchrun() and args.multiprocessing_distributed:
+        raise UsageError(
+            "torchrun already starts one process per GPU: drop --multiprocessing-distributed"
+        )
+    if args.gpu is not None and not torch.cuda.is_available():
+        raise UsageError(f"--gpu {args.gpu} given, but no CUDA GPU is visible; drop --gpu")
+    if args.gpu is not None and args.gpu >= torch.cuda.device_count():
+        raise UsageError(
+            f"--gpu {args.gpu} given, but only {torch.cuda.device_count()} GPU(s) are visible"
+        )
+    n = procs_per_node(args)
+    if n < 1:
+        raise UsageError(f"--procs-per-node must be positive, got {n}")
+    if torch.cuda.is_available() and n > torch.cuda.device_count():
+        raise UsageError(f"{n} processes per node but only {torch.cuda.device_count()} GPUs")
+    if not _under_torchrun() and args.dist_url != "env://":
+        if args.multiprocessing_distributed and args.world_size < 1:
+            raise UsageError("--multiprocessing-distributed needs --world-size (number of nodes)")
+        if (args.multiprocessing_distributed or args.world_size > 1) and args.rank < 0:
+            raise UsageError("distributed training needs --rank (this node's rank, from 0)")
+    if args.batch_size % n:
+        raise UsageError(
+            f"-b {args.batch_size} (the batch of one node) does not split evenly over its "
+            f"{n} processes; use a multiple of {n}"
+        )
+
+
+def _nodes_and_node_rank(args):
+    """Number of nodes and this node's rank, from the arguments or (env://) the environment."""
+    nodes, node_rank = args.world_size, args.rank
+    if args.dist_url == "env://":
+        nodes = nodes if nodes > 0 else int(os.environ.get("WORLD_SIZE", 1))
+        node_rank = node_rank if node_rank >= 0 else int(os.environ.get("RANK", 0))
+    return max(nodes, 1), max(node_rank, 0)
+
+
+def total_processes(args):
+    """The world size this launch will have."""
+    if _under_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    return _nodes_and_node_rank(args)[0] * procs_per_node(args)
+
+
+def _spawned_worker(local_rank, main_worker, nprocs, args):
+    try:
+        main_worker(local_rank, nprocs, args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def launch(main_worker, args):
+    """Run main_worker(local_rank, procs_per_node, args) in each process of this node."""
+    if _under_torchrun():
+        return main_worker(int(os.environ["LOCAL_RANK"]), procs_per_node(args), args)
+    if not args.multiprocessing_distributed:
+        return main_worker(None, 1, args)
+    nprocs = procs_per_node(args)
+    context = mp.spawn(
+        _spawned_worker, nprocs=nprocs, args=(main_worker, nprocs, args), join=False
+    )
+
+    def forward(signum, frame):  # a scheduler may signal this process only
+        for p in context.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, forward)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as e:
+        if e.exit_code in (PREEMPTED_EXIT_CODE, 2):
+            raise SystemExit(e.exit_code)
+        raise
+
+
+def init_distributed(local_rank, procs_per_node, args):
+    """Join the process group of this launch mode; returns where this process runs."""
+    url = args.dist_url
+    if _under_torchrun():
+        url, world_size, rank = "env://", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    else:
+        nodes, node_rank = _nodes_and_node_rank(args)
+        world_size = nodes * procs_per_node
+        rank = node_rank * procs_per_node + (local_rank or 0)
+    local_rank = local_rank or 0
+
+    if torch.cuda.is_available():
+        if procs_per_node > 1 or args.gpu is None:
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cuda", args.gpu)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    if world_size > 1:
+        backend = args.dist_backend
+        if device.type == "cpu" and backend == "nccl":
+            backend = "gloo"  # nccl needs GPUs
+        dist.init_process_group(
+            backend=backend,
+            init_method=url,
+            world_size=world_size,
+            rank=rank,
+            timeout=datetime.timedelta(seconds=args.dist_timeout),
+        )
+    return DistEnv(rank, world_size, local_rank, procs_per_node, device)
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier():
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum over processes, in place; the tensor itself with one process."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_object(obj):
+    """Process 0's obj on every process."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class StopSignal:
+    """
+    SIGTERM / SIGUSR1 (what cluster schedulers send before preemption) set a flag;
+    `requested(device)` agrees across processes, so every rank stops at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.received is None:
+            logger.warning(f"=> received {signal.Signals(signum).name}: stopping after this step")
+        self.received = signum
+
+    def requested(self, device):
+        flag = self.received is not None
+        if get_world_size() > 1:
+            t = torch.tensor([int(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
