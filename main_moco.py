@@ -256,7 +256,6 @@ def main_worker(local_rank, procs_per_node, args):
     device = env.device
     batch_size = args.batch_size // procs_per_node  # -b is the node's batch
     workers = (args.workers + procs_per_node - 1) // procs_per_node
-    stop = StopSignal()
 
     if args.seed is not None:
         random.seed(args.seed)
@@ -287,7 +286,7 @@ def main_worker(local_rank, procs_per_node, args):
         # the same on every process already, and each key encoder keeps its own statistics
         model_ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            forward_sync_buffers=False,
         )  # fmt: skip
 
     criterion = nn.CrossEntropyLoss()
@@ -339,6 +338,7 @@ def main_worker(local_rank, procs_per_node, args):
     )  # fmt: skip
     print_summary(args, env, batch_size, steps_per_epoch, len(train_dataset))
 
+    stop = StopSignal()
     run = dict(
         env=env, model=model, optimizer=optimizer, scaler=scaler, stop=stop, log=log,
         data_seed=data_seed, steps_per_epoch=steps_per_epoch, amp_dtype=amp_dtype,
@@ -364,6 +364,7 @@ def main_worker(local_rank, procs_per_node, args):
             if args.knn_freq and (epoch + 1) % args.knn_freq == 0:
                 knn_monitor(model, args, env, epoch, log)
     finally:
+        stop.restore()
         cleanup()
 
 

@@ -199,6 +199,31 @@ def broadcast_object(obj):
     return box[0]
 
 
+def shard_range(n, rank, world_size):
+    """
+    The contiguous share of `n` samples that process `rank` evaluates: shares differ by
+    at most one and, unlike DistributedSampler's, hold every sample exactly once.
+    """
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def all_gather_rows(tensor):
+    """Every process's `tensor` (row counts may differ), concatenated in rank order."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    # all_gather needs equal shapes: pad to the longest share, trim afterwards
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -214,8 +239,12 @@ class StopSignal:
 
     def __init__(self):
         self.received = None
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._handler)
+        self._previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
+
+    def restore(self):
+        """Put back the handlers that were there before."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _handler(self, signum, frame):
         if self.received is None:

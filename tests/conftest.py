@@ -33,3 +33,54 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = os.environ.get("MOCO_TEST_PYTHON", __import__("sys").executable)
+
+# the smallest real pretraining run: resnet18 with the CIFAR stem on 32px crops
+TINY = ["-a", "resnet18", "--small-stem", "--input-size", "32", "--moco-dim", "16",
+        "--moco-k", "64", "-b", "8", "-j", "0", "-p", "1", "--seed", "0"]  # fmt: skip
+
+
+def moco_args(data, out, *extra, epochs=1):
+    import main_moco
+
+    argv = [str(data), *TINY, "--epochs", str(epochs), "--output-dir", str(out), *extra]
+    return main_moco.get_args_parser().parse_args(argv)
+
+
+def run_moco(data, out, *extra, epochs=1):
+    """main_moco.py in this process."""
+    import main_moco
+
+    return main_moco.main(moco_args(data, out, *extra, epochs=epochs))
+
+
+def script(name, *argv, timeout=300, env=None, **kwargs):
+    """A script of the repository in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [PYTHON, *(["-m", "torch.distributed.run"] if name == "torchrun" else []),
+         *([] if name == "torchrun" else [os.path.join(REPO, name)]), *map(str, argv)],
+        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, **kwargs,
+    )  # fmt: skip
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b):
+    """Two checkpoints hold bit-identical weights, queue, pointer and optimizer state."""
+    assert a["epoch"] == b["epoch"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)

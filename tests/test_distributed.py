@@ -1,0 +1,142 @@
+"""Two gloo processes give the numbers of one plain, unshuffled computation."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from conftest import free_port
+from test_builder import images, make_moco, original_logits
+
+N = 4  # per process
+WORLD = 2
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=WORLD, rank=rank)
+    try:
+        model = make_moco(seed=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        im_q = images(N * WORLD, 1)[rank * N : (rank + 1) * N]
+        im_k = images(N * WORLD, 2)[rank * N : (rank + 1) * N]
+
+        # process 0's permutation must be used everywhere: the others draw another one
+        torch.manual_seed(123 if rank == 0 else 999)
+        logits, labels = ddp(im_q, im_k)
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+        # the shuffle itself: rows tagged with their global index
+        torch.manual_seed(7 if rank == 0 else 8)
+        x = (torch.arange(N) + rank * N).float().view(N, 1)
+        shuffled, idx_unshuffle = model._batch_shuffle(x)
+        mine, everyone = model._batch_unshuffle(shuffled, idx_unshuffle)
+        torch.save(
+            {
+                "logits": logits.detach(), "loss": loss.detach(), "labels": labels,
+                "state": {k: v.clone() for k, v in model.state_dict().items()},
+                "shuffled": shuffled, "mine": mine, "everyone": everyone,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def _buffers(module):
+    return {k: v.clone() for k, v in module.named_buffers()}
+
+
+def _load_buffers(module, buffers):
+    # new tensors, not copies: autograd keeps the old ones for the earlier forwards
+    for name, sub in module.named_modules():
+        for b in list(sub._buffers):
+            sub._buffers[b] = buffers[f"{name}.{b}" if name else b].clone()
+
+
+def reference(n=N, world=WORLD):
+    """One process: each rank's chunk through the encoders with that rank's BN buffers."""
+    torch.set_num_threads(1)
+    model = make_moco(seed=0)
+    im_q, im_k = images(n * world, 1), images(n * world, 2)
+    m = model.m
+    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+        pk.data = pk.data * m + pq.data * (1.0 - m)
+    torch.manual_seed(123)
+    perm = torch.randperm(n * world)
+
+    start_q, start_k = _buffers(model.encoder_q), _buffers(model.encoder_k)
+    qs, ks_shuffled, bufs = [], [], []
+    for r in range(world):
+        _load_buffers(model.encoder_q, start_q)
+        _load_buffers(model.encoder_k, start_k)
+        qs.append(F.normalize(model.encoder_q(im_q[r * n : (r + 1) * n]), dim=1))
+        with torch.no_grad():
+            rows = perm.view(world, n)[r]
+            ks_shuffled.append(F.normalize(model.encoder_k(im_k[rows]), dim=1))
+        bufs.append((_buffers(model.encoder_q), _buffers(model.encoder_k)))
+    k_all = torch.cat(ks_shuffled)[torch.argsort(perm)]
+    queue = model.queue.clone()
+    logits = []
+    for r in range(world):
+        k = k_all[r * n : (r + 1) * n]
+        q = qs[r]
+        logits.append(original_logits(q, k, queue, model.T))
+    labels = torch.zeros(n, dtype=torch.long)
+    losses = [F.cross_entropy(lg, labels) for lg in logits]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    (sum(losses) / world).backward()  # DDP averages the gradients of the processes
+    opt.step()
+    new_queue = queue.clone()
+    new_queue[:, : n * world] = k_all.T
+    states = []
+    for r in range(world):
+        _load_buffers(model.encoder_q, bufs[r][0])
+        _load_buffers(model.encoder_k, bufs[r][1])
+        state = copy.deepcopy(model.state_dict())
+        state["queue"], state["queue_ptr"] = new_queue, torch.tensor([n * world])
+        states.append(state)
+    return logits, losses, states
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD)
+    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_two_processes_match_the_plain_single_process_computation(results):
+    ref_logits, ref_losses, ref_states = reference()
+
+    # bit for bit: the same operations on the same numbers, whatever the process count
+    for r, res in enumerate(results):
+        assert torch.equal(res["logits"], ref_logits[r])
+        assert torch.equal(res["loss"], ref_losses[r].detach())
+        assert torch.equal(res["labels"], torch.zeros(N, dtype=torch.long))
+        # weights after the SGD step, queue, pointer, each rank's own BatchNorm statistics
+        assert res["state"].keys() == ref_states[r].keys()
+        for name, value in ref_states[r].items():
+            assert torch.equal(res["state"][name], value), name
+    # the queue is the same on every process
+    assert torch.equal(results[0]["state"]["queue"], results[1]["state"]["queue"])
+
+
+def test_shuffle_crosses_processes_and_unshuffle_restores(results):
+    torch.manual_seed(7)
+    perm = torch.randperm(N * WORLD)  # process 0's draw
+    everything = torch.arange(N * WORLD).float().view(-1, 1)
+    crossed = False
+    for r, res in enumerate(results):
+        assert torch.equal(res["shuffled"], everything[perm.view(WORLD, N)[r]])
+        crossed |= bool((res["shuffled"].view(-1) // N != r).any())
+        assert torch.equal(res["mine"], everything[r * N : (r + 1) * N])
+        assert torch.equal(res["everyone"], everything)
+    assert crossed, "no image left its process: the shuffle must cross processes"

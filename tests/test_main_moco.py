@@ -1,0 +1,97 @@
+"""main_moco.py end to end on a tiny generated ImageFolder."""
+
+import os
+
+import torch
+from conftest import REPO, TINY, assert_same_state, free_port, load, run_moco, script
+
+
+def test_cpu_run_writes_the_original_checkpoint_format(image_folder, tmp_path):
+    out = tmp_path / "out"
+    run_moco(image_folder, out, "--mlp", "--aug-plus", "--cos", epochs=2)
+    assert sorted(p for p in os.listdir(out) if p.endswith(".pth.tar")) == [
+        "checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]  # fmt: skip
+    ckpt = load(out / "checkpoint_0001.pth.tar")  # weights_only=True
+    assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18"
+    sd = ckpt["state_dict"]
+    assert all(k.startswith("module.") for k in sd)
+    assert sd["module.queue"].shape == (16, 64) and sd["module.queue_ptr"].dtype == torch.long
+    assert "module.encoder_q.fc.0.weight" in sd and "module.encoder_k.fc.2.bias" in sd
+    torch.testing.assert_close(sd["module.queue"].norm(dim=0), torch.ones(64))
+    # one SGD group over every parameter, the key encoder's included
+    n_params = sum(1 for k in sd if "running" not in k and "num_batches" not in k
+                   and k.startswith(("module.encoder_q.", "module.encoder_k.")))  # fmt: skip
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) == 1 and len(groups[0]["params"]) == n_params
+    # 24 images, batch 8: 3 steps an epoch, 8 keys each: the pointer went round 6 x 8 = 48
+    assert int(sd["module.queue_ptr"]) == 48
+
+
+def test_seeded_cpu_runs_are_bit_identical(image_folder, tmp_path):
+    run_moco(image_folder, tmp_path / "a", "--aug-plus")
+    run_moco(image_folder, tmp_path / "b", "--aug-plus")
+    assert_same_state(load(tmp_path / "a/checkpoint_0000.pth.tar"),
+                      load(tmp_path / "b/checkpoint_0000.pth.tar"))  # fmt: skip
+
+
+def test_resume_continues_exactly_where_the_run_stopped(image_folder, tmp_path):
+    run_moco(image_folder, tmp_path / "full", epochs=2)
+    run_moco(image_folder, tmp_path / "part", epochs=1)
+    first = tmp_path / "part/checkpoint_0000.pth.tar"
+    run_moco(image_folder, tmp_path / "part", "--resume", str(first), epochs=2)
+    assert_same_state(load(tmp_path / "full/checkpoint_0001.pth.tar"),
+                      load(tmp_path / "part/checkpoint_0001.pth.tar"))  # fmt: skip
+
+
+def test_queue_wraps_around_when_k_is_not_a_multiple_of_the_batch(image_folder, tmp_path):
+    run_moco(image_folder, tmp_path, "--moco-k", "20")
+    ckpt = load(tmp_path / "checkpoint_0000.pth.tar")
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == (3 * 8) % 20
+
+
+def test_symmetric_and_bn_splits_train(image_folder, tmp_path, capsys):
+    run_moco(image_folder, tmp_path, "--symmetric", "--bn-splits", "2")
+    ckpt = load(tmp_path / "checkpoint_0000.pth.tar")
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == (3 * 16) % 64  # both keys enqueued
+    assert "module.encoder_q.bn1.running_mean" in ckpt["state_dict"]
+
+
+def test_startup_summary_prints_derived_values(image_folder, tmp_path, capsys):
+    run_moco(image_folder, tmp_path, "--lr", "0.06")
+    out = capsys.readouterr().out
+    assert "processes: 1 (1 per node), device cpu" in out
+    assert "batch: 8 per process, 8 global" in out
+    assert "learning rate: 0.06 (linear scaling for this batch: 0.0009375" in out
+    assert "queue: 64 keys = 8 steps of 8 keys" in out
+    assert "Epoch: [0][0/3]" in out  # the original's progress lines
+
+
+def test_two_processes_spawned_like_the_original(image_folder, tmp_path):
+    out = tmp_path / "out"
+    r = script("main_moco.py", image_folder, *TINY, "--epochs", "1", "--output-dir", out,
+               "--multiprocessing-distributed", "--procs-per-node", "2", "--world-size", "1",
+               "--rank", "0", "--dist-url", f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "batch: 4 per process, 8 global" in r.stdout
+    assert "processes: 2 (2 per node), device cpu" in r.stdout
+    assert r.stdout.count("Epoch: [0][0/") == 1  # only rank 0 prints
+    ckpt = load(out / "checkpoint_0000.pth.tar")
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])
+    # 24 images over 2 processes of 4: 3 steps of 8 keys
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == 24
+    # and it resumes, queue included
+    r = script("main_moco.py", image_folder, *TINY, "--epochs", "2", "--output-dir", out,
+               "--multiprocessing-distributed", "--procs-per-node", "2", "--world-size", "1",
+               "--rank", "0", "--dist-url", f"tcp://127.0.0.1:{free_port()}",
+               "--resume", out / "checkpoint_0000.pth.tar")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert int(load(out / "checkpoint_0001.pth.tar")["state_dict"]["module.queue_ptr"]) == 48
+
+
+def test_torchrun_splits_the_node_batch_over_its_processes(image_folder, tmp_path):
+    r = script("torchrun", "--nproc_per_node", "2", "--master_port", free_port(),
+               os.path.join(REPO, "main_moco.py"), image_folder, *TINY, "--epochs", "1",
+               "--output-dir", tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "batch: 4 per process, 8 global" in r.stdout
+    assert os.path.exists(tmp_path / "checkpoint_0000.pth.tar")
