@@ -190,18 +190,7 @@ def check_args(args):
         )
     if args.amp and args.amp_dtype == "float16" and not torch.cuda.is_available():
         raise UsageError("--amp-dtype float16 needs a GPU; on the CPU use bfloat16")
-    check_output_dir(args.output_dir)
-
-
-def check_output_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"--output-dir {path!r} cannot be written ({e.strerror})") from None
+    ckpt.check_output_dir(args.output_dir)
 
 
 def resume_path(args):

@@ -9,6 +9,7 @@ strings, lists, tuples and dicts only, so a crafted file cannot run code.
 import os
 import pickle
 import re
+import shutil
 
 import torch
 
@@ -28,16 +29,17 @@ class CheckpointError(UsageError):
     """A file that is missing, unreadable, unsafe or of the wrong kind."""
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, writer=torch.save):
     """
     Write `state` to `path` so that a kill or a full disk at any moment leaves either
     the previous file or the new one under that name, never a partial file.
+    writer(state, file) serialises; torch.save unless another format is wanted.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +55,33 @@ def save_checkpoint(state, path):
             os.close(fd)
     except OSError:
         pass
+
+
+def copy_checkpoint(src, dst):
+    """Copy a checkpoint file as save_checkpoint writes one: all of it or nothing."""
+    directory = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(directory, f".{os.path.basename(dst)}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_output_dir(path, flag="--output-dir"):
+    """Create `path` if needed and refuse one that cannot be written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {path!r} cannot be written ({e.strerror})") from None
 
 
 def load_checkpoint(path, map_location="cpu", what="checkpoint"):
@@ -115,6 +144,41 @@ def encoder_state_dict(obj, path="checkpoint", keep_head=False):
     if not encoder:
         raise CheckpointError(f"{path!r} holds no encoder tensors under {prefix!r}")
     return encoder, prefix
+
+
+def load_encoder(model, path, arch=None, what="--pretrained"):
+    """
+    Load the backbone of the checkpoint at `path` (any flavour encoder_state_dict reads)
+    into `model`, a torchvision model whose head `fc` is left as it is. Refuses a file of
+    another architecture, or with missing, extra or differently shaped tensors, with a
+    one-line CheckpointError. Returns the backbone state_dict that was loaded.
+    """
+    obj = load_checkpoint(path, what=what)
+    file_arch = obj.get("arch") if isinstance(obj, dict) else None
+    if arch and isinstance(file_arch, str) and file_arch != arch:
+        raise CheckpointError(f"{what} {path!r} is a {file_arch} checkpoint; got -a {arch}")
+    state_dict, _ = encoder_state_dict(obj, path)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    # files saved by old torch versions have no BatchNorm step counters; eval ignores them
+    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what} {path!r} does not hold a {arch or 'matching'} backbone: "
+            f"{len(missing)} tensor(s) missing (e.g. {missing[:2]}), {len(unexpected)} "
+            f"unexpected (e.g. {unexpected[:2]}); check -a"
+        )
+    for k, v in state_dict.items():
+        if v.shape != own[k].shape:
+            hint = " (pretrained with --small-stem? add or drop it)" if k == "conv1.weight" else ""
+            raise CheckpointError(
+                f"{what} {path!r}: {k} has shape {list(v.shape)}, the model's is "
+                f"{list(own[k].shape)}{hint}; check -a"
+            )
+    result = model.load_state_dict(state_dict, strict=False)
+    head = {k for k in model.state_dict() if k.startswith(HEAD_PREFIX)}
+    assert {k for k in result.missing_keys if not k.endswith("num_batches_tracked")} == head
+    return state_dict
 
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")

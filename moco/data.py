@@ -48,6 +48,25 @@ def check_image_folder(root, what="data"):
     return classes, total
 
 
+def check_val_folder(data_dir, what="validation data"):
+    """
+    DATA/val as an ImageFolder with exactly the class folders of DATA/train (checked
+    before), so that a label means the same class in both. Returns its number of images.
+    """
+    train, val = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    val_classes, total = check_image_folder(val, what)
+    train_classes, _ = find_classes(train)
+    if val_classes != train_classes:
+        only_val = sorted(set(val_classes) - set(train_classes))
+        only_train = sorted(set(train_classes) - set(val_classes))
+        raise UsageError(
+            f"the class folders of {val!r} and {train!r} differ (only in val: "
+            f"{only_val[:3] or 'none'}, only in train: {only_train[:3] or 'none'}); "
+            "labels would not agree: use the same class folders in both"
+        )
+    return total
+
+
 def load_image(path):
     """RGB PIL image, or BadImageError naming the file."""
     try:

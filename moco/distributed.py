@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco.utils import UsageError, logger
+from moco.utils import UsageError, logger, one_line
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume it
 
@@ -105,7 +105,7 @@ def _spawned_worker(local_rank, main_worker, nprocs, args):
     try:
         main_worker(local_rank, nprocs, args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -131,9 +131,15 @@ def launch(main_worker, args):
         while not context.join():
             pass
     except mp.ProcessExitedException as e:
-        if e.exit_code in (PREEMPTED_EXIT_CODE, 2):
-            raise SystemExit(e.exit_code)
-        raise
+        if e.exit_code in (PREEMPTED_EXIT_CODE, 2):  # the process said why already
+            raise SystemExit(e.exit_code) from None
+        how = f"signal {signal.Signals(-e.exit_code).name}" if e.exit_code < 0 else f"status {e.exit_code}"
+        print(
+            f"error: process {e.error_index} died ({how}); the other processes were stopped. "
+            "Resume with --resume auto (or the last checkpoint)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
 
 
 def init_distributed(local_rank, procs_per_node, args):

@@ -26,13 +26,23 @@ def setup_logging(rank=0):
     logger.propagate = False
 
 
+def one_line(error):
+    """The message of an error, one line, also when a loader worker wrapped it."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # re-raised by torch.utils.data from a worker
+        last = text.splitlines()[-1]
+        name, sep, message = last.partition(": ")
+        text = message if sep and name.split(".")[-1] == type(error).__name__ else last
+    return " ".join(text.split())
+
+
 def run_cli(main, parser):
     """Parse arguments and run main(args); a UsageError ends as one line and exit 2."""
     args = parser.parse_args()
     try:
         return main(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,279 @@
+"""Never lose a run: kills, signals, bad data, bad arguments, bad files, NaN, dead ranks."""
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import (
+    PYTHON,
+    REPO,
+    TINY,
+    assert_same_state,
+    free_port,
+    load,
+    moco_args,
+    run_moco,
+    script,
+)
+
+import main_moco
+from moco import checkpoint as ckpt
+from moco.utils import UsageError
+
+EPOCHS = 2  # 3 steps an epoch on the 24-image folder
+
+
+def start(data, out, *extra, procs=1):
+    """main_moco.py in its own process group, output unbuffered, one checkpoint a step."""
+    argv = [PYTHON, os.path.join(REPO, "main_moco.py"), str(data), *TINY, "--epochs",
+            str(EPOCHS), "--output-dir", str(out), "--save-freq", "1", *map(str, extra)]  # fmt: skip
+    if procs > 1:
+        argv += ["--multiprocessing-distributed", "--procs-per-node", str(procs),
+                 "--world-size", "1", "--rank", "0", "--dist-url",
+                 f"tcp://127.0.0.1:{free_port()}", "--dist-timeout", "60"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO, start_new_session=True)  # fmt: skip
+
+
+def wait_for_line(proc, needle, timeout=240):
+    """Read the process's output until a line contains `needle`; returns all lines read."""
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if needle in line:
+            return lines
+        assert time.time() < deadline, "".join(lines)
+    raise AssertionError(f"{needle!r} never printed:\n{''.join(lines)}")
+
+
+def finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted seeded runs with 1 and 2 processes."""
+    from conftest import make_image_folder
+
+    root = tmp_path_factory.mktemp("ref")
+    data = make_image_folder(root / "data")
+    runs = {}
+    for procs in (1, 2):
+        out = root / f"out{procs}"
+        code, text = finish(start(data, out, procs=procs))
+        assert code == 0, text
+        runs[procs] = load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar")
+    return data, runs
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_sigkill_at_random_steps_then_resume_auto_is_bit_identical(reference, tmp_path, procs):
+    data, runs = reference
+    out = tmp_path / "out"
+    rng = random.Random(procs)
+    total = 3 * EPOCHS
+    kills = sorted(rng.sample(range(total - 1), 2))  # two kills at random steps
+    for step in kills:
+        proc = start(data, out, "--resume", "auto", procs=procs)
+        wait_for_line(proc, f"Epoch: [{step // 3}][{step % 3}/3]")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    code, text = finish(start(data, out, "--resume", "auto", procs=procs))
+    assert code == 0, text
+    assert_same_state(runs[procs], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
+
+
+def test_sigterm_stops_every_rank_checkpoints_and_resumes_exactly(reference, tmp_path):
+    data, runs = reference
+    out = tmp_path / "out"
+    proc = start(data, out, procs=2)
+    wait_for_line(proc, "Epoch: [0][1/3]")
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher passes it on to its processes
+    code, text = finish(proc)
+    assert code == 75, text  # stopped after a checkpoint: resume me
+    assert "stopped by a signal" in text
+    state = load(out / ckpt.LAST_NAME)
+    assert state["epoch"] == 0 and state["iter"] >= 2
+    code, text = finish(start(data, out, "--resume", "auto", procs=2))
+    assert code == 0, text
+    assert_same_state(runs[2], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
+
+
+def test_a_dead_rank_stops_the_others_and_the_directory_stays_resumable(reference, tmp_path):
+    data, runs = reference
+    out = tmp_path / "out"
+    proc = start(data, out, procs=2)
+    wait_for_line(proc, "Epoch: [1][0/3]")
+    children = subprocess.run(["pgrep", "-f", "-s", str(proc.pid), "spawn_main"],
+                              capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert len(children) == 2, children
+    os.kill(int(max(children, key=int)), signal.SIGKILL)
+    began = time.time()
+    code, text = finish(proc, timeout=120)
+    assert code != 0 and time.time() - began < 120
+    assert "error: process" in text and "died" in text
+    code, text = finish(start(data, out, "--resume", "auto", procs=2))
+    assert code == 0, text
+    assert_same_state(runs[2], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_0000.pth.tar"
+    ckpt.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(path))
+
+    def dies_half_way(state, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, str(path), writer=dies_half_way)
+    assert load(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint_0000.pth.tar"]  # no temporary file left
+
+
+def test_keep_last_bounds_the_number_of_epoch_checkpoints(image_folder, tmp_path):
+    run_moco(image_folder, tmp_path, "--keep-last", "2", epochs=3)
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".tar")) == [
+        "checkpoint_0001.pth.tar", "checkpoint_0002.pth.tar"]  # fmt: skip
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint(image_folder, tmp_path):
+    run_moco(image_folder, tmp_path, epochs=2)
+    newest = tmp_path / "checkpoint_0001.pth.tar"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert ckpt.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_0000.pth.tar")
+
+
+def test_a_non_finite_loss_stops_before_any_bad_state_is_written(
+    image_folder, tmp_path, monkeypatch
+):
+    calls = {"n": 0}
+    real = torch.nn.CrossEntropyLoss.forward
+
+    def poisoned(self, input, target):
+        calls["n"] += 1
+        loss = real(self, input, target)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    with pytest.raises(UsageError, match=r"loss became nan at epoch 0 step 2"):
+        run_moco(image_folder, tmp_path, "--save-freq", "1")
+    state = load(tmp_path / ckpt.LAST_NAME)
+    assert (state["epoch"], state["iter"]) == (0, 2)  # the last good step
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert not os.path.exists(tmp_path / "checkpoint_0000.pth.tar")
+
+
+def test_a_malicious_checkpoint_is_refused_and_runs_nothing(image_folder, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"epoch": 1, "state_dict": Evil()}, path)
+    with pytest.raises(UsageError, match="refused"):
+        run_moco(image_folder, tmp_path / "out", "--resume", str(path))
+    assert not marker.exists()
+
+
+def _args_error(image_folder, tmp_path, *extra):
+    with pytest.raises(UsageError) as e:
+        main_moco.main(moco_args(image_folder, tmp_path, *extra))
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--moco-k", "4"], "--moco-k 4 is smaller than the 8 keys"),
+        (["--symmetric", "--moco-k", "12"], "smaller than the 16 keys"),
+        (["-a", "resnet_large"], "unknown --arch 'resnet_large'"),
+        (["-a", "get_model"], "unknown --arch 'get_model'"),
+        (["-a", "mobilenet_v3_small", "--mlp"], "--mlp needs an architecture with an 'fc'"),
+        (["-b", "0"], "-b/--batch-size must be positive"),
+        (["--moco-dim", "-1"], "--moco-dim must be positive"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--moco-m", "1.0"], "--moco-m must be in [0, 1)"),
+        (["--moco-m", "-0.1"], "--moco-m must be in [0, 1)"),
+        (["--moco-t", "0"], "--moco-t must be positive"),
+        (["--bn-splits", "3"], "does not split into --bn-splits 3"),
+        (["-b", "30"], "no full batch of 30"),
+        (["--gpu", "0"], "no CUDA GPU is visible"),
+    ],
+)
+def test_impossible_arguments_are_refused_with_one_line(image_folder, tmp_path, extra, message):
+    if "--gpu" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    text = _args_error(image_folder, tmp_path / "out", *extra)
+    assert message in text and "\n" not in text
+    assert not os.path.exists(tmp_path / "out" / "checkpoint_0000.pth.tar")
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused(image_folder, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    text = _args_error(image_folder, blocker / "out")
+    assert "--output-dir" in text and "cannot be written" in text
+
+
+def test_a_resume_file_of_another_model_is_refused(image_folder, tmp_path):
+    run_moco(image_folder, tmp_path / "a")
+    path = str(tmp_path / "a" / "checkpoint_0000.pth.tar")
+    cases = {
+        ("-a", "resnet34"): "is a resnet18 checkpoint; got -a resnet34",
+        ("--moco-k", "32"): "has --moco-dim 16 --moco-k 64",
+        ("--moco-dim", "8"): "has --moco-dim 16 --moco-k 64",
+        ("--mlp",): "trained without --mlp",
+    }
+    for extra, message in cases.items():
+        assert message in _args_error(image_folder, tmp_path / "b", "--resume", path, *extra)
+    assert "does not exist" in _args_error(image_folder, tmp_path / "b", "--resume", "nope.tar")
+
+
+def test_bad_data_folders_are_refused_before_training(tmp_path):
+    from conftest import make_image_folder
+
+    assert "does not exist" in _args_error(tmp_path / "missing", tmp_path / "o")
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    (tmp_path / "flat" / "train" / "a.jpg").write_bytes(b"")
+    assert "has no class folders" in _args_error(tmp_path / "flat", tmp_path / "o")
+    data = make_image_folder(tmp_path / "data")
+    (tmp_path / "data" / "train" / "empty").mkdir()
+    text = _args_error(data, tmp_path / "o")
+    assert "empty" in text and "holds no images" in text
+
+
+def _corrupt_one_image(image_folder, kind):
+    path = os.path.join(image_folder, "train", "class1", "3.jpg")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 3] if kind == "truncated" else b"this is not an image")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not an image"])
+def test_an_unreadable_image_is_named_in_a_one_line_error(image_folder, tmp_path, kind):
+    path = _corrupt_one_image(image_folder, kind)
+    r = script("main_moco.py", image_folder, *TINY, "-j", "1", "--epochs", "1",
+               "--output-dir", tmp_path)  # fmt: skip
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and path in lines[0] and "--skip-bad-images" in lines[0], r.stderr
+
+
+def test_skip_bad_images_logs_skips_and_counts(image_folder, tmp_path, capsys):
+    path = _corrupt_one_image(image_folder, "truncated")
+    run_moco(image_folder, tmp_path, "--skip-bad-images")
+    out = capsys.readouterr().out
+    assert f"skipping: cannot read image {path!r}" in out
+    assert "1 unreadable image(s) skipped" in out
+    assert os.path.exists(tmp_path / "checkpoint_0000.pth.tar")
