@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import random
+import shutil
 import time
 
 import numpy as np
@@ -175,6 +176,10 @@ def check_args(args):
         raise UsageError(f"--lr must be positive, got {args.lr}")
     check_arch(args.arch, args.mlp, args.small_stem)
     check_launch_args(args)
+    if args.knn_freq:
+        from moco.knn import check_knn_data
+
+        check_knn_data(args.data)  # DATA/val with DATA/train's classes
 
     per_proc = args.batch_size // procs_per_node(args)
     if per_proc % args.bn_splits:
@@ -267,7 +272,11 @@ def main_worker(local_rank, procs_per_node, args):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
-        model.encoder_q.compile()
+        # compiled CPU kernels are C++ built at the first step; say so now, not then
+        if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+            raise UsageError("--compile on the CPU needs a C++ compiler (g++, or CXX set "
+                             "to one); install one or drop --compile")  # fmt: skip
+        model.encoder_q.compile()  # in place: the state_dict names do not change
         model.encoder_k.compile()
     model_ddp = model
     if env.distributed:

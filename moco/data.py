@@ -55,7 +55,11 @@ def check_val_folder(data_dir, what="validation data"):
     """
     train, val = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
     val_classes, total = check_image_folder(val, what)
-    train_classes, _ = find_classes(train)
+    try:
+        train_classes, _ = find_classes(train)  # a listing: the images were checked before
+    except FileNotFoundError:
+        check_image_folder(train, "training data")  # raises, saying what is wrong
+        raise
     if val_classes != train_classes:
         only_val = sorted(set(val_classes) - set(train_classes))
         only_train = sorted(set(train_classes) - set(val_classes))

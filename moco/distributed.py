@@ -161,6 +161,9 @@ def init_distributed(local_rank, procs_per_node, args):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        if procs_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # processes sharing a node's CPUs share its cores, not oversubscribe them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs_per_node))
 
     if world_size > 1:
         backend = args.dist_backend
