@@ -1,0 +1,1 @@
+"""Transfer to detection: checkpoint conversion for detectron2 and torchvision."""
