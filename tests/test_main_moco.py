@@ -95,3 +95,17 @@ def test_torchrun_splits_the_node_batch_over_its_processes(image_folder, tmp_pat
     assert r.returncode == 0, r.stderr
     assert "batch: 4 per process, 8 global" in r.stdout
     assert os.path.exists(tmp_path / "checkpoint_0000.pth.tar")
+
+
+def test_resumes_a_file_in_the_original_format(image_folder, tmp_path):
+    """Only the original's four keys, in the pre-1.6 (non-zip) serialisation."""
+    run_moco(image_folder, tmp_path / "a")
+    full = load(tmp_path / "a/checkpoint_0000.pth.tar")
+    original = {k: full[k] for k in ("epoch", "arch", "state_dict", "optimizer")}
+    path = tmp_path / "original.pth.tar"
+    torch.save(original, path, _use_new_zipfile_serialization=False)
+    run_moco(image_folder, tmp_path / "b", "--resume", str(path), epochs=2)
+    resumed = load(tmp_path / "b/checkpoint_0001.pth.tar")
+    assert resumed["epoch"] == 2
+    assert int(resumed["state_dict"]["module.queue_ptr"]) == 48
+    assert not os.path.exists(tmp_path / "b/checkpoint_0000.pth.tar")  # started at epoch 1
