@@ -36,7 +36,7 @@ from moco.distributed import (
     procs_per_node,
     total_processes,
 )
-from moco.loader import pretrain_transform
+from moco.loader import AUG_IMPLS, pretrain_transform
 from moco.models import build_encoder, check_arch, model_names
 from moco.utils import (
     AverageMeter,
@@ -135,6 +135,10 @@ def get_args_parser():
                        help="also checkpoint every N steps within an epoch (default: 0, off)")
     extra.add_argument("--keep-last", default=0, type=int, metavar="N",
                        help="keep only the newest N epoch checkpoints (default: 0, all)")
+    extra.add_argument("--aug-impl", default="fast", choices=AUG_IMPLS,
+                       help="augmentation code: 'fast' (the same recipe and random draws, "
+                       "faster operations, pixels within a few grey levels) or 'original' "
+                       "(torchvision/PIL, pixel for pixel as the original)")
     extra.add_argument("--skip-bad-images", action="store_true",
                        help="log and skip unreadable images instead of stopping")
     extra.add_argument("--amp", action="store_true",
@@ -318,7 +322,7 @@ def main_worker(local_rank, procs_per_node, args):
     # Data loading code
     train_dataset = SeededImageFolder(
         os.path.join(args.data, "train"),
-        pretrain_transform(args.aug_plus, args.input_size),
+        pretrain_transform(args.aug_plus, args.input_size, impl=args.aug_impl),
         data_seed=data_seed,
         skip_bad=args.skip_bad_images,
     )
@@ -528,7 +532,7 @@ def print_summary(args, env, batch_size, steps_per_epoch, n_images):
         f"queue: {args.moco_k} keys = {args.moco_k / keys:g} steps of {keys} keys"
         + ("" if args.moco_k % keys == 0 else " (not a multiple: the enqueue wraps around)"),
         f"augmentation: {'MoCo v2 (--aug-plus)' if args.aug_plus else 'MoCo v1'}, "
-        f"{args.input_size}px crops; head: {'MLP' if args.mlp else 'linear'}; "
+        f"{args.input_size}px crops ({args.aug_impl} code); head: {'MLP' if args.mlp else 'linear'}; "
         f"schedule: {'cosine' if args.cos else 'steps at ' + str(args.schedule)}",
         f"data: {n_images} images, {steps_per_epoch} steps per epoch; precision: {precision}",
         f"output: {os.path.abspath(args.output_dir)}",

@@ -1,0 +1,409 @@
+"""
+The fast augmentation path against the original's transforms: the same random draws for
+the same seed, the same distributions, and the same pixels where the same operations run.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image, ImageEnhance, ImageFilter, ImageStat
+
+import moco.loader
+from moco.data import SeededImageFolder
+from moco.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CropParams,
+    FastTwoCrops,
+    adjust_hue,
+    box_blur,
+    pretrain_transform,
+)
+from moco.utils import UsageError
+
+# one grey level in normalised units, at the smallest std
+LEVEL = 1 / (255 * min(IMAGENET_STD))
+
+
+def photo(width, height, seed=0):
+    """A smooth colour image with some texture, closer to a photograph than noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 6, 8, generator=g) * 255
+    img = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic")
+    img = img[0] + torch.randn(3, height, width, generator=g) * 12
+    img = img.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(img))
+
+
+def reference_crop(img, p, size, aug_plus):
+    """The original's operations (torchvision functional on PIL) for given parameters."""
+    img = F.resized_crop(img, *p.box, [size, size])
+    if not aug_plus and p.gray:
+        img = F.rgb_to_grayscale(img, 3)
+    if p.jitter is not None:
+        order, b, c, s, h = p.jitter
+        adjust = [
+            F.adjust_brightness,
+            F.adjust_contrast,
+            F.adjust_saturation,
+            F.adjust_hue,
+        ]
+        for i in order.tolist():
+            img = adjust[i](img, [b, c, s, h][i])
+    if aug_plus and p.gray:
+        img = F.rgb_to_grayscale(img, 3)
+    if p.sigma is not None:
+        img = img.filter(ImageFilter.GaussianBlur(radius=p.sigma))
+    if p.flip:
+        img = F.hflip(img)
+    return F.normalize(F.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+# --- the same draws --------------------------------------------------------------------
+
+
+def record_original(monkeypatch, aug_plus, seeds, img, size=8):
+    """Run the original two-crop transform per seed, recording each operation it applies."""
+    events = []
+
+    def recorder(name, fn, arg=None):
+        def call(*args, **kwargs):
+            events[-1].append((name, arg(args, kwargs) if arg else None))
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name, arg in [
+        ("resized_crop", lambda a, k: tuple(a[1:5])),
+        ("adjust_brightness", lambda a, k: a[1]),
+        ("adjust_contrast", lambda a, k: a[1]),
+        ("adjust_saturation", lambda a, k: a[1]),
+        ("adjust_hue", lambda a, k: a[1]),
+        ("rgb_to_grayscale", None),
+        ("hflip", None),
+    ]:
+        monkeypatch.setattr(F, name, recorder(name, getattr(F, name), arg))
+    blur = ImageFilter.GaussianBlur
+    monkeypatch.setattr(
+        moco.loader.ImageFilter,
+        "GaussianBlur",
+        recorder("blur", blur, lambda a, k: k["radius"]),
+    )
+    original = pretrain_transform(aug_plus, size, impl="original")
+    for seed in seeds:
+        events.append([])
+        torch.manual_seed(seed)
+        original(img)
+    monkeypatch.undo()
+    return events
+
+
+def events_of(params, aug_plus):
+    """The operations the original would record for FastTwoCrops' parameters."""
+    out = []
+    names = ["adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue"]
+    for p in params:
+        out.append(("resized_crop", p.box))
+        if not aug_plus and p.gray:
+            out.append(("rgb_to_grayscale", None))
+        if p.jitter is not None:
+            order, *factors = p.jitter
+            out += [(names[i], factors[i]) for i in order.tolist()]
+        if aug_plus and p.gray:
+            out.append(("rgb_to_grayscale", None))
+        if p.sigma is not None:
+            out.append(("blur", p.sigma))
+        if p.flip:
+            out.append(("hflip", None))
+    return out
+
+
+def sample_fast(aug_plus, seeds, img, size=8):
+    fast = FastTwoCrops(aug_plus, size)
+    params = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        params.append([fast.sample(img), fast.sample(img)])
+    return params
+
+
+@pytest.mark.parametrize("aug_plus", [False, True])
+def test_fast_path_draws_the_original_parameters_for_each_seed(monkeypatch, aug_plus):
+    img = Image.new("RGB", (500, 375))
+    seeds = range(300)
+    original = record_original(monkeypatch, aug_plus, seeds, img)
+    fast = sample_fast(aug_plus, seeds, img)
+    for seed, ops, params in zip(seeds, original, fast):
+        assert events_of(params, aug_plus) == ops, f"seed {seed}"
+
+
+# --- the same distributions ------------------------------------------------------------
+
+
+def ks_distance(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, grid, side="right") / len(a)
+    cdf_b = np.searchsorted(b, grid, side="right") / len(b)
+    return np.abs(cdf_a - cdf_b).max()
+
+
+def ks_critical(n, m, alpha=1e-3):
+    return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
+
+
+def uniform_ks(x, lo, hi):
+    """One-sample KS distance of x from U(lo, hi)."""
+    x = np.sort(x)
+    cdf = (x - lo) / (hi - lo)
+    n = len(x)
+    return max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max())
+
+
+def crop_statistics(ops, width=500, height=375):
+    """Per-crop quantities from recorded operations (one list per two-crop call)."""
+    s = {k: [] for k in ["area", "log_ratio", "top", "flip", "gray", "jitter", "blur"]}
+    s.update({k: [] for k in ["sigma", "brightness", "contrast", "saturation", "hue"]})
+    crops = []
+    for call in ops:
+        for name, arg in call:
+            if name == "resized_crop":
+                crops.append([])
+            crops[-1].append((name, arg))
+    for crop in crops:
+        names = dict(crop)
+        top, left, h, w = names["resized_crop"]
+        s["area"].append(h * w / (width * height))
+        s["log_ratio"].append(math.log(w / h))
+        s["top"].append(top / (height - h + 1))
+        s["flip"].append("hflip" in names)
+        s["gray"].append("rgb_to_grayscale" in names)
+        s["jitter"].append("adjust_hue" in names)
+        s["blur"].append("blur" in names)
+        if "blur" in names:
+            s["sigma"].append(names["blur"])
+        for k in ["brightness", "contrast", "saturation", "hue"]:
+            if "adjust_" + k in names:
+                s[k].append(names["adjust_" + k])
+    return {k: np.array(v, dtype=float) for k, v in s.items()}
+
+
+@pytest.mark.parametrize("aug_plus", [False, True])
+def test_fast_path_distributions_match_the_original_and_the_recipe(
+    monkeypatch, aug_plus
+):
+    img = Image.new("RGB", (500, 375))
+    n = 1000  # calls, two crops each
+    original = crop_statistics(record_original(monkeypatch, aug_plus, range(n), img))
+    # other seeds: the samples are independent of the original's
+    params = sample_fast(aug_plus, range(10**6, 10**6 + n), img)
+    fast = crop_statistics([events_of(p, aug_plus) for p in params])
+
+    for k in ["area", "log_ratio", "top", "sigma", "brightness", "contrast", "hue"]:
+        a, b = fast[k], original[k]
+        if len(a) == len(b) == 0:  # no blur in v1
+            continue
+        assert ks_distance(a, b) < ks_critical(len(a), len(b)), k
+    rates = {"flip": 0.5, "gray": 0.2, "jitter": 0.8 if aug_plus else 1, "blur": 0}
+    if aug_plus:
+        rates["blur"] = 0.5
+    for k, p in rates.items():
+        tol = 4.5 * math.sqrt(p * (1 - p) / (2 * n)) + 1e-9
+        assert abs(fast[k].mean() - p) <= tol, k
+        assert abs(original[k].mean() - p) <= tol, k
+    # the recipe itself: area in [0.2, 1] but for the rare fallback, ratio in [3/4, 4/3]
+    assert (fast["area"] >= 0.2 - 0.01).mean() > 0.99 and fast["area"].max() <= 1
+    assert np.abs(fast["log_ratio"]).max() <= math.log(4 / 3) + 0.02
+    for k, (lo, hi) in {
+        "brightness": (0.6, 1.4),
+        "saturation": (0.6, 1.4),
+        "hue": (-0.1, 0.1) if aug_plus else (-0.4, 0.4),
+        "sigma": (0.1, 2.0),
+    }.items():
+        if len(fast[k]):
+            assert uniform_ks(fast[k], lo, hi) < ks_critical(len(fast[k]), 10**9), k
+
+
+def test_the_distribution_check_detects_a_different_crop_scale():
+    img = Image.new("RGB", (500, 375))
+    torch.manual_seed(0)
+    get = FastTwoCrops(True, 8).crop.get_params
+    ours = [np.prod(get(img, (0.2, 1.0), (3 / 4, 4 / 3))[2:]) for _ in range(2000)]
+    wider = [np.prod(get(img, (0.08, 1.0), (3 / 4, 4 / 3))[2:]) for _ in range(2000)]
+    assert ks_distance(ours, wider) > 2 * ks_critical(2000, 2000)
+
+
+def test_jitter_order_covers_all_24_permutations_evenly():
+    img = Image.new("RGB", (64, 48))
+    params = sample_fast(False, range(1200), img)
+    orders = [tuple(p.jitter[0].tolist()) for pair in params for p in pair]
+    counts = np.array([orders.count(o) for o in set(orders)])
+    assert len(counts) == 24
+    expected = len(orders) / 24
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 52.6  # chi-square, 23 degrees of freedom, p = 0.0005
+
+
+# --- the same pixels -------------------------------------------------------------------
+
+
+def test_adjust_hue_is_pil_exact():
+    # a quarter of all 2**24 colours, every grey and the primaries among them
+    c = torch.arange(0, 1 << 24, 4, dtype=torch.int64)
+    c = torch.cat(
+        [c, torch.arange(256) * 0x010101, torch.tensor([0xFF0000, 0xFF00, 0xFF])]
+    )
+    rgb = torch.stack([c >> 16 & 255, c >> 8 & 255, c & 255], -1).to(torch.uint8)
+    rgb = rgb[: len(rgb) // 1024 * 1024].view(-1, 1024, 3)
+    img = Image.fromarray(rgb.numpy())
+    for hue in [0.1, -0.1, 0.4, -0.4, 0.0371]:
+        expected = torch.from_numpy(np.array(F.adjust_hue(img, hue)))
+        assert torch.equal(adjust_hue(rgb, hue), expected), hue
+
+
+def test_brightness_and_contrast_tables_are_pil_exact():
+    # every byte value in every channel, and a mean grey that varies with the image
+    g = torch.Generator().manual_seed(0)
+    for k in range(40):
+        values = torch.randperm(256 * 3, generator=g) % 256
+        img = Image.fromarray(values.to(torch.uint8).view(16, 16, 3).numpy())
+        factor = 0.6 + 0.8 * torch.rand(1, generator=g).item() if k else 1.4
+        for enhance, base in [
+            (ImageEnhance.Brightness, 0),
+            (
+                ImageEnhance.Contrast,
+                int(ImageStat.Stat(img.convert("L")).mean[0] + 0.5),
+            ),
+        ]:
+            expected = enhance(img).enhance(factor)
+            actual = img.point(moco.loader._blend_lut(base, factor))
+            assert actual.tobytes() == expected.tobytes(), (enhance, factor)
+
+
+def test_hue_rounding_never_meets_a_tie():
+    # adjust_hue rounds v * w by truncating v * w + 0.5: exact unless v * w ends in .5
+    _, _, w, _ = moco.loader._hue_tables()
+    x = w[:, None] * torch.arange(256, dtype=torch.float64)
+    assert not (x - x.floor() == 0.5).any()
+
+
+def test_adjust_hue_accepts_a_strided_crop():
+    img = photo(40, 30)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    expected = torch.from_numpy(np.array(F.adjust_hue(img, 0.07)))
+    assert torch.equal(adjust_hue(x, 0.07), expected)
+
+
+def pil_blur_emulation(x, sigma):
+    """PIL's fixed-point passes, rounding after each: uint8 [C, H, W] -> uint8."""
+    r, ww, fw = moco.loader._box_weights(moco.loader._box_blur_radius(sigma))
+    ww, fw = ww * 2**24, fw * 2**24
+    x = x.double()
+    for dim in (-1, -2):
+        n = x.shape[dim]
+        for _ in range(3):
+            edge = [x.narrow(dim, 0, 1)] * (r + 1), [x.narrow(dim, n - 1, 1)] * (r + 1)
+            xp = torch.cat(edge[0] + [x] + edge[1], dim)
+            box = sum(xp.narrow(dim, k, n) for k in range(1, 2 * r + 2))
+            far = xp.narrow(dim, 0, n) + xp.narrow(dim, 2 * r + 2, n)
+            x = torch.floor((box * ww + far * fw + 2**23) / 2**24)
+    return x.to(torch.uint8)
+
+
+def test_box_blur_uses_pils_box_sizes_and_stays_within_three_levels():
+    g = torch.Generator().manual_seed(0)
+    sigmas = [0.1, 2.0] + (0.1 + 1.9 * torch.rand(8, generator=g)).tolist()
+    for k, sigma in enumerate(sigmas):
+        img = photo(57, 43, seed=k)
+        pil = torch.from_numpy(np.array(img.filter(ImageFilter.GaussianBlur(sigma))))
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        # the radius and weights are PIL's: rounding after each pass gives PIL's pixels
+        assert torch.equal(pil_blur_emulation(x, sigma), pil.permute(2, 0, 1)), sigma
+        # without that rounding: six roundings of at most 1/2 apart
+        diff = (box_blur(x.float(), sigma) - pil.permute(2, 0, 1).float()).abs()
+        assert diff.max() <= 3 + 1e-4 and diff.mean() <= 1.2, sigma
+
+
+def test_fast_crop_equals_the_original_bit_for_bit_when_no_resize_is_needed():
+    # same size in and out: only the colour operations, flip and normalisation differ
+    size = 48
+    img = photo(size, size)
+    for aug_plus in [False, True]:
+        fast = FastTwoCrops(aug_plus, size)
+        torch.manual_seed(1)
+        for _ in range(20):
+            p = fast.sample(img)
+            p.box, p.sigma = (0, 0, size, size), None
+            out = fast.apply(img, [p])[0]
+            assert torch.equal(out, reference_crop(img, p, size, aug_plus)), p
+
+
+def test_fast_resized_crop_is_within_one_level_of_pil():
+    img = photo(160, 120)
+    fast = FastTwoCrops(True, 64)
+    torch.manual_seed(0)
+    differing = []
+    for _ in range(30):
+        p = CropParams(
+            fast.crop.get_params(img, (0.2, 1.0), (3 / 4, 4 / 3)),
+            None,
+            False,
+            None,
+            False,
+        )
+        diff = (fast.apply(img, [p])[0] - reference_crop(img, p, 64, True)).abs()
+        assert diff.max() <= LEVEL + 1e-5
+        differing.append((diff > 1e-6).float().mean().item())
+    assert np.mean(differing) < 0.12  # 2% on the benchmark photos, 7% here
+
+
+@pytest.mark.parametrize("aug_plus", [False, True])
+def test_fast_pipeline_stays_close_to_the_original_for_the_same_seed(aug_plus):
+    img = photo(160, 120)
+    original = pretrain_transform(aug_plus, 64, impl="original")
+    fast = pretrain_transform(aug_plus, 64, impl="fast")
+    for seed in range(10):
+        torch.manual_seed(seed)
+        a = original(img)
+        torch.manual_seed(seed)
+        b = fast(img)
+        assert len(b) == 2 and b[0].shape == (3, 64, 64) and b[0].dtype == torch.float32
+        for x, y in zip(a, b):
+            # one-level resize differences, amplified by contrast and by the hue round
+            # trip of low-chroma pixels, plus PIL's blur rounding: measured at most 0.7
+            # levels on average and 10 at the worst pixel
+            assert (x - y).abs().mean() < 1 * LEVEL
+            assert (x - y).abs().max() < 12 * LEVEL
+
+
+def test_fast_transform_is_deterministic_in_a_seeded_dataset(image_folder):
+    ds = SeededImageFolder(
+        f"{image_folder}/train", pretrain_transform(True, 32, "fast")
+    )
+    (q1, k1), _ = ds[(3, 12345)]
+    (q2, k2), _ = ds[(3, 12345)]
+    (q3, _), _ = ds[(3, 54321)]
+    assert torch.equal(q1, q2) and torch.equal(k1, k2)
+    assert not torch.equal(q1, k1) and not torch.equal(q1, q3)
+
+
+def test_unknown_implementation_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown augmentation implementation 'quick'"):
+        pretrain_transform(True, 224, impl="quick")
+
+
+def test_benchmark_prints_a_row_per_recipe_and_worker_count(image_folder, capsys):
+    import bench.loader
+
+    args = bench.loader.get_args_parser().parse_args(
+        ["--data", f"{image_folder}/train", "--size", "16", "--repeats", "1"]
+        + ["--workers", "0", "1", "--batch-size", "4"]
+    )
+    bench.loader.main(args)
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[:2] for r in rows] == [["v1", "0"], ["v1", "1"], ["v2", "0"], ["v2", "1"]]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
