@@ -392,7 +392,7 @@ def train(train_loader, model, criterion, optimizer, epoch, args, env):
     progress = ProgressMeter(
         len(train_loader),
         [batch_time, data_time, losses, top1, top5],
-        prefix="Epoch: [{}]".format(epoch),
+        prefix=f"Epoch: [{epoch}]",
     )
 
     # Under the protocol of linear classification on frozen features, no part of the

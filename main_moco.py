@@ -52,124 +52,291 @@ from moco.utils import (
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="MoCo pretraining (PyTorch ImageNet training)")
+    parser = argparse.ArgumentParser(
+        description="MoCo pretraining (PyTorch ImageNet training)"
+    )
     parser.add_argument("data", metavar="DIR", help="path to dataset (reads DIR/train)")
     parser.add_argument(
-        "-a", "--arch", metavar="ARCH", default="resnet50",
+        "-a",
+        "--arch",
+        metavar="ARCH",
+        default="resnet50",
         help="model architecture, a torchvision classification model: "
-        + " | ".join(model_names()) + " (default: resnet50)",
-    )  # fmt: skip
-    parser.add_argument("-j", "--workers", default=32, type=int, metavar="N",
-                        help="number of data loading workers of the node (default: 32)")
-    parser.add_argument("--epochs", default=200, type=int, metavar="N",
-                        help="number of total epochs to run")
-    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
-                        help="manual epoch number (useful on restarts)")
-    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
-                        help="mini-batch size (default: 256), this is the total batch size "
-                        "of all GPUs on the current node")
-    parser.add_argument("--lr", "--learning-rate", default=0.03, type=float, metavar="LR",
-                        help="initial learning rate", dest="lr")
-    parser.add_argument("--schedule", default=[120, 160], nargs="*", type=int,
-                        help="learning rate schedule (when to drop lr by 10x)")
-    parser.add_argument("--momentum", default=0.9, type=float, metavar="M",
-                        help="momentum of SGD solver")
-    parser.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W",
-                        help="weight decay (default: 1e-4)", dest="weight_decay")
-    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N",
-                        help="print frequency (default: 10)")
-    parser.add_argument("--resume", default="", type=str, metavar="PATH",
-                        help="path to a checkpoint, or 'auto' for the newest valid one in "
-                        "--output-dir (default: none)")
-    parser.add_argument("--world-size", default=-1, type=int,
-                        help="number of nodes for distributed training")
-    parser.add_argument("--rank", default=-1, type=int,
-                        help="node rank for distributed training")
-    parser.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
-                        help="url used to set up distributed training")
-    parser.add_argument("--dist-backend", default="nccl", type=str,
-                        help="distributed backend (gloo is used where there is no GPU)")
-    parser.add_argument("--seed", default=None, type=int,
-                        help="seed for initializing training; makes a run reproducible")
+        + " | ".join(model_names())
+        + " (default: resnet50)",
+    )
+    parser.add_argument(
+        "-j",
+        "--workers",
+        default=32,
+        type=int,
+        metavar="N",
+        help="number of data loading workers of the node (default: 32)",
+    )
+    parser.add_argument(
+        "--epochs",
+        default=200,
+        type=int,
+        metavar="N",
+        help="number of total epochs to run",
+    )
+    parser.add_argument(
+        "--start-epoch",
+        default=0,
+        type=int,
+        metavar="N",
+        help="manual epoch number (useful on restarts)",
+    )
+    parser.add_argument(
+        "-b",
+        "--batch-size",
+        default=256,
+        type=int,
+        metavar="N",
+        help="mini-batch size (default: 256), this is the total batch size "
+        "of all GPUs on the current node",
+    )
+    parser.add_argument(
+        "--lr",
+        "--learning-rate",
+        default=0.03,
+        type=float,
+        metavar="LR",
+        help="initial learning rate",
+        dest="lr",
+    )
+    parser.add_argument(
+        "--schedule",
+        default=[120, 160],
+        nargs="*",
+        type=int,
+        help="learning rate schedule (when to drop lr by 10x)",
+    )
+    parser.add_argument(
+        "--momentum",
+        default=0.9,
+        type=float,
+        metavar="M",
+        help="momentum of SGD solver",
+    )
+    parser.add_argument(
+        "--wd",
+        "--weight-decay",
+        default=1e-4,
+        type=float,
+        metavar="W",
+        help="weight decay (default: 1e-4)",
+        dest="weight_decay",
+    )
+    parser.add_argument(
+        "-p",
+        "--print-freq",
+        default=10,
+        type=int,
+        metavar="N",
+        help="print frequency (default: 10)",
+    )
+    parser.add_argument(
+        "--resume",
+        default="",
+        type=str,
+        metavar="PATH",
+        help="path to a checkpoint, or 'auto' for the newest valid one in "
+        "--output-dir (default: none)",
+    )
+    parser.add_argument(
+        "--world-size",
+        default=-1,
+        type=int,
+        help="number of nodes for distributed training",
+    )
+    parser.add_argument(
+        "--rank", default=-1, type=int, help="node rank for distributed training"
+    )
+    parser.add_argument(
+        "--dist-url",
+        default="tcp://224.66.41.62:23456",
+        type=str,
+        help="url used to set up distributed training",
+    )
+    parser.add_argument(
+        "--dist-backend",
+        default="nccl",
+        type=str,
+        help="distributed backend (gloo is used where there is no GPU)",
+    )
+    parser.add_argument(
+        "--seed",
+        default=None,
+        type=int,
+        help="seed for initializing training; makes a run reproducible",
+    )
     parser.add_argument("--gpu", default=None, type=int, help="GPU id to use.")
-    parser.add_argument("--multiprocessing-distributed", action="store_true",
-                        help="Use multi-processing distributed training to launch N processes "
-                        "per node, which has N GPUs")
+    parser.add_argument(
+        "--multiprocessing-distributed",
+        action="store_true",
+        help="Use multi-processing distributed training to launch N processes "
+        "per node, which has N GPUs",
+    )
 
     # moco specific configs:
-    parser.add_argument("--moco-dim", default=128, type=int,
-                        help="feature dimension (default: 128)")
-    parser.add_argument("--moco-k", default=65536, type=int,
-                        help="queue size; number of negative keys (default: 65536)")
-    parser.add_argument("--moco-m", default=0.999, type=float,
-                        help="moco momentum of updating key encoder (default: 0.999)")
-    parser.add_argument("--moco-t", default=0.07, type=float,
-                        help="softmax temperature (default: 0.07)")
+    parser.add_argument(
+        "--moco-dim", default=128, type=int, help="feature dimension (default: 128)"
+    )
+    parser.add_argument(
+        "--moco-k",
+        default=65536,
+        type=int,
+        help="queue size; number of negative keys (default: 65536)",
+    )
+    parser.add_argument(
+        "--moco-m",
+        default=0.999,
+        type=float,
+        help="moco momentum of updating key encoder (default: 0.999)",
+    )
+    parser.add_argument(
+        "--moco-t", default=0.07, type=float, help="softmax temperature (default: 0.07)"
+    )
 
     # options for moco v2
     parser.add_argument("--mlp", action="store_true", help="use mlp head")
-    parser.add_argument("--aug-plus", action="store_true",
-                        help="use moco v2 data augmentation")
+    parser.add_argument(
+        "--aug-plus", action="store_true", help="use moco v2 data augmentation"
+    )
     parser.add_argument("--cos", action="store_true", help="use cosine lr schedule")
 
     # this project's additions
     extra = parser.add_argument_group("additions to the original")
-    extra.add_argument("--output-dir", default=".", metavar="DIR",
-                       help="where checkpoints and logs go (default: the current folder)")
-    extra.add_argument("--input-size", default=224, type=int, metavar="PX",
-                       help="crop size in pixels (default: 224)")
-    extra.add_argument("--small-stem", action="store_true",
-                       help="ResNet stem for small images: conv1 3x3 stride 1, no max-pool "
-                       "(the official CIFAR-10 demo's)")
-    extra.add_argument("--bn-splits", default=1, type=int, metavar="N",
-                       help="BatchNorm statistics over N groups of each process's batch, "
-                       "as N GPUs would (default: 1)")
-    extra.add_argument("--symmetric", action="store_true",
-                       help="symmetric loss: each crop is a query once, both keys enqueued")
-    extra.add_argument("--procs-per-node", default=0, type=int, metavar="N",
-                       help="processes per node with --multiprocessing-distributed "
-                       "(default: one per GPU, or 1 without GPU)")
-    extra.add_argument("--dist-timeout", default=1800, type=int, metavar="S",
-                       help="seconds before a collective waiting on a dead process fails")
-    extra.add_argument("--save-freq", default=0, type=int, metavar="N",
-                       help="also checkpoint every N steps within an epoch (default: 0, off)")
-    extra.add_argument("--keep-last", default=0, type=int, metavar="N",
-                       help="keep only the newest N epoch checkpoints (default: 0, all)")
-    extra.add_argument("--aug-impl", default="fast", choices=AUG_IMPLS,
-                       help="augmentation code: 'fast' (the same recipe and random draws, "
-                       "faster operations, pixels within a few grey levels) or 'original' "
-                       "(torchvision/PIL, pixel for pixel as the original)")
-    extra.add_argument("--skip-bad-images", action="store_true",
-                       help="log and skip unreadable images instead of stopping")
-    extra.add_argument("--amp", action="store_true",
-                       help="mixed precision for the encoders (logits and queue in fp32)")
-    extra.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "float16"],
-                       help="mixed precision type; float16 uses a gradient scaler")
-    extra.add_argument("--channels-last", action="store_true",
-                       help="channels-last memory format (faster convolutions on GPUs)")
-    extra.add_argument("--compile", action="store_true", help="torch.compile the encoders")
-    extra.add_argument("--knn-freq", default=0, type=int, metavar="N",
-                       help="kNN accuracy of the query encoder every N epochs, on DIR/train "
-                       "as memory bank and DIR/val as queries (default: 0, off)")
+    extra.add_argument(
+        "--output-dir",
+        default=".",
+        metavar="DIR",
+        help="where checkpoints and logs go (default: the current folder)",
+    )
+    extra.add_argument(
+        "--input-size",
+        default=224,
+        type=int,
+        metavar="PX",
+        help="crop size in pixels (default: 224)",
+    )
+    extra.add_argument(
+        "--small-stem",
+        action="store_true",
+        help="ResNet stem for small images: conv1 3x3 stride 1, no max-pool "
+        "(the official CIFAR-10 demo's)",
+    )
+    extra.add_argument(
+        "--bn-splits",
+        default=1,
+        type=int,
+        metavar="N",
+        help="BatchNorm statistics over N groups of each process's batch, "
+        "as N GPUs would (default: 1)",
+    )
+    extra.add_argument(
+        "--symmetric",
+        action="store_true",
+        help="symmetric loss: each crop is a query once, both keys enqueued",
+    )
+    extra.add_argument(
+        "--procs-per-node",
+        default=0,
+        type=int,
+        metavar="N",
+        help="processes per node with --multiprocessing-distributed "
+        "(default: one per GPU, or 1 without GPU)",
+    )
+    extra.add_argument(
+        "--dist-timeout",
+        default=1800,
+        type=int,
+        metavar="S",
+        help="seconds before a collective waiting on a dead process fails",
+    )
+    extra.add_argument(
+        "--save-freq",
+        default=0,
+        type=int,
+        metavar="N",
+        help="also checkpoint every N steps within an epoch (default: 0, off)",
+    )
+    extra.add_argument(
+        "--keep-last",
+        default=0,
+        type=int,
+        metavar="N",
+        help="keep only the newest N epoch checkpoints (default: 0, all)",
+    )
+    extra.add_argument(
+        "--aug-impl",
+        default="fast",
+        choices=AUG_IMPLS,
+        help="augmentation code: 'fast' (the same recipe and random draws, "
+        "faster operations, pixels within a few grey levels) or 'original' "
+        "(torchvision/PIL, pixel for pixel as the original)",
+    )
+    extra.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="log and skip unreadable images instead of stopping",
+    )
+    extra.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision for the encoders (logits and queue in fp32)",
+    )
+    extra.add_argument(
+        "--amp-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16"],
+        help="mixed precision type; float16 uses a gradient scaler",
+    )
+    extra.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last memory format (faster convolutions on GPUs)",
+    )
+    extra.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoders"
+    )
+    extra.add_argument(
+        "--knn-freq",
+        default=0,
+        type=int,
+        metavar="N",
+        help="kNN accuracy of the query encoder every N epochs, on DIR/train "
+        "as memory bank and DIR/val as queries (default: 0, off)",
+    )
     extra.add_argument("--knn-k", default=200, type=int, help="k of the kNN monitor")
-    extra.add_argument("--knn-t", default=0.1, type=float,
-                       help="temperature of the kNN monitor")
+    extra.add_argument(
+        "--knn-t", default=0.1, type=float, help="temperature of the kNN monitor"
+    )
     return parser
 
 
 def check_args(args):
     """Refuse impossible settings with one line each, before any data is read."""
     positive = {
-        "--epochs": args.epochs, "-b/--batch-size": args.batch_size,
-        "--moco-dim": args.moco_dim, "--moco-k": args.moco_k, "--input-size": args.input_size,
-        "--bn-splits": args.bn_splits, "-p/--print-freq": args.print_freq,
-    }  # fmt: skip
+        "--epochs": args.epochs,
+        "-b/--batch-size": args.batch_size,
+        "--moco-dim": args.moco_dim,
+        "--moco-k": args.moco_k,
+        "--input-size": args.input_size,
+        "--bn-splits": args.bn_splits,
+        "-p/--print-freq": args.print_freq,
+    }
     for name, value in positive.items():
         if value <= 0:
             raise UsageError(f"{name} must be positive, got {value}")
-    for name, value in {"-j/--workers": args.workers, "--start-epoch": args.start_epoch,
-                        "--save-freq": args.save_freq, "--keep-last": args.keep_last,
-                        "--knn-freq": args.knn_freq}.items():  # fmt: skip
+    for name, value in {
+        "-j/--workers": args.workers,
+        "--start-epoch": args.start_epoch,
+        "--save-freq": args.save_freq,
+        "--keep-last": args.keep_last,
+        "--knn-freq": args.knn_freq,
+    }.items():
         if value < 0:
             raise UsageError(f"{name} must be zero or positive, got {value}")
     if not 0 <= args.moco_m < 1:
@@ -194,7 +361,8 @@ def check_args(args):
     keys_per_step = per_proc * total_processes(args) * (2 if args.symmetric else 1)
     if args.moco_k < keys_per_step:
         raise UsageError(
-            f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued per step "
+            f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued "
+            "per step "
             "(the global batch); use a larger queue or a smaller batch"
         )
     if args.amp and args.amp_dtype == "float16" and not torch.cuda.is_available():
@@ -219,7 +387,9 @@ def check_resume(args):
     if not isinstance(sd, dict) or "module.queue" not in sd:
         raise UsageError(f"--resume {path!r} is not a MoCo pretraining checkpoint")
     if state.get("arch", args.arch) != args.arch:
-        raise UsageError(f"--resume {path!r} is a {state['arch']} checkpoint; got -a {args.arch}")
+        raise UsageError(
+            f"--resume {path!r} is a {state['arch']} checkpoint; got -a {args.arch}"
+        )
     dim, K = sd["module.queue"].shape
     if (dim, K) != (args.moco_dim, args.moco_k):
         raise UsageError(
@@ -237,7 +407,9 @@ def check_resume(args):
 def main(args):
     check_args(args)
     check_resume(args)
-    classes, n_images = check_image_folder(os.path.join(args.data, "train"), "training data")
+    classes, n_images = check_image_folder(
+        os.path.join(args.data, "train"), "training data"
+    )
     world_size = total_processes(args)
     per_proc = args.batch_size // procs_per_node(args)
     if math.ceil(n_images / world_size) < per_proc:
@@ -269,17 +441,24 @@ def main_worker(local_rank, procs_per_node, args):
         build_encoder, args.arch, small_stem=args.small_stem, bn_splits=args.bn_splits
     )
     model = moco.builder.MoCo(
-        base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp,
+        base_encoder,
+        args.moco_dim,
+        args.moco_k,
+        args.moco_m,
+        args.moco_t,
+        args.mlp,
         symmetric=args.symmetric,
-    )  # fmt: skip
+    )
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.compile:
         # compiled CPU kernels are C++ built at the first step; say so now, not then
         if device.type == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
-            raise UsageError("--compile on the CPU needs a C++ compiler (g++, or CXX set "
-                             "to one); install one or drop --compile")  # fmt: skip
+            raise UsageError(
+                "--compile on the CPU needs a C++ compiler (g++, or CXX set "
+                "to one); install one or drop --compile"
+            )
         model.encoder_q.compile()  # in place: the state_dict names do not change
         model.encoder_k.compile()
     model_ddp = model
@@ -287,27 +466,39 @@ def main_worker(local_rank, procs_per_node, args):
         # buffers (queue, BatchNorm statistics) are not broadcast each step: the queue is
         # the same on every process already, and each key encoder keeps its own statistics
         model_ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None,
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
             forward_sync_buffers=False,
-        )  # fmt: skip
+        )
 
     criterion = nn.CrossEntropyLoss()
     # every parameter, the frozen key encoder's included, as the original (its files load)
     optimizer = torch.optim.SGD(
-        model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+        model.parameters(),
+        args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
     )
     amp_dtype = getattr(torch, args.amp_dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=args.amp and amp_dtype == torch.float16
+    )
 
     # optionally resume from a checkpoint
     start_epoch, start_iter = args.start_epoch, 0
-    data_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    data_seed = (
+        args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    )
     data_seed = broadcast_object(data_seed)
     path = resume_path(args)
     if path:
         logger.info(f"=> loading checkpoint '{path}'")
-        state = ckpt.load_checkpoint(path, map_location=device, what="--resume checkpoint")
-        model.load_state_dict({k.removeprefix("module."): v for k, v in state["state_dict"].items()})
+        state = ckpt.load_checkpoint(
+            path, map_location=device, what="--resume checkpoint"
+        )
+        model.load_state_dict(
+            {k.removeprefix("module."): v for k, v in state["state_dict"].items()}
+        )
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_iter = state["epoch"], state.get("iter", 0)
         data_seed = state.get("data_seed", data_seed)
@@ -315,9 +506,13 @@ def main_worker(local_rank, procs_per_node, args):
             scaler.load_state_dict(state["scaler"])
         if "rng" in state:
             set_rng_state(state["rng"])
-        logger.info(f"=> loaded checkpoint '{path}' (epoch {start_epoch}, step {start_iter})")
+        logger.info(
+            f"=> loaded checkpoint '{path}' (epoch {start_epoch}, step {start_iter})"
+        )
     elif args.resume == "auto":
-        logger.info(f"=> no checkpoint in '{args.output_dir}' yet: starting from scratch")
+        logger.info(
+            f"=> no checkpoint in '{args.output_dir}' yet: starting from scratch"
+        )
 
     # Data loading code
     train_dataset = SeededImageFolder(
@@ -326,38 +521,65 @@ def main_worker(local_rank, procs_per_node, args):
         data_seed=data_seed,
         skip_bad=args.skip_bad_images,
     )
-    train_sampler = EpochSampler(train_dataset, env.world_size, env.rank, data_seed=data_seed)
+    train_sampler = EpochSampler(
+        train_dataset, env.world_size, env.rank, data_seed=data_seed
+    )
     train_loader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=batch_size, sampler=train_sampler, num_workers=workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
+        train_dataset,
+        batch_size=batch_size,
+        sampler=train_sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=False,
         generator=torch.Generator(),  # the loader's own seed does not touch torch's state
-    )  # fmt: skip
+    )
     steps_per_epoch = len(train_sampler) // batch_size
 
     log = JsonLogger(
-        os.path.join(args.output_dir, "log.jsonl"), env.is_main,
+        os.path.join(args.output_dir, "log.jsonl"),
+        env.is_main,
         tensorboard_dir=os.path.join(args.output_dir, "tensorboard"),
-    )  # fmt: skip
+    )
     print_summary(args, env, batch_size, steps_per_epoch, len(train_dataset))
 
     stop = StopSignal()
     run = dict(
-        env=env, model=model, optimizer=optimizer, scaler=scaler, stop=stop, log=log,
-        data_seed=data_seed, steps_per_epoch=steps_per_epoch, amp_dtype=amp_dtype,
-    )  # fmt: skip
+        env=env,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        stop=stop,
+        log=log,
+        data_seed=data_seed,
+        steps_per_epoch=steps_per_epoch,
+        amp_dtype=amp_dtype,
+    )
     try:
         for epoch in range(start_epoch, args.epochs):
-            train_sampler.set_epoch(epoch, start=start_iter * batch_size if epoch == start_epoch else 0)
+            train_sampler.set_epoch(
+                epoch, start=start_iter * batch_size if epoch == start_epoch else 0
+            )
             lr = adjust_learning_rate(optimizer, epoch, args)
             first = start_iter if epoch == start_epoch else 0
 
             # train for one epoch
-            stopped = train(train_loader, model_ddp, criterion, optimizer, epoch, args, run, first, lr)
+            stopped = train(
+                train_loader,
+                model_ddp,
+                criterion,
+                optimizer,
+                epoch,
+                args,
+                run,
+                first,
+                lr,
+            )
             if stopped:
                 raise SystemExit(PREEMPTED_EXIT_CODE)
 
             if env.is_main:
-                save(args, run, epoch + 1, 0, "checkpoint_{:04d}.pth.tar".format(epoch))
+                save(args, run, epoch + 1, 0, f"checkpoint_{epoch:04d}.pth.tar")
                 last = os.path.join(args.output_dir, ckpt.LAST_NAME)
                 if os.path.exists(last):
                     os.remove(last)  # superseded by the epoch's file
@@ -381,10 +603,14 @@ def train(train_loader, model, criterion, optimizer, epoch, args, run, first, lr
     top5 = AverageMeter("Acc@5", ":6.2f")
     total = run["steps_per_epoch"]
     progress = ProgressMeter(
-        total, [batch_time, data_time, losses, top1, top5], prefix="Epoch: [{}]".format(epoch)
+        total,
+        [batch_time, data_time, losses, top1, top5],
+        prefix=f"Epoch: [{epoch}]",
     )
     autocast = torch.autocast(device.type, dtype=run["amp_dtype"], enabled=args.amp)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = (
+        torch.channels_last if args.channels_last else torch.contiguous_format
+    )
 
     # switch to train mode
     model.train()
@@ -406,15 +632,20 @@ def train(train_loader, model, criterion, optimizer, epoch, args, run, first, lr
 
         # stop everywhere at once on a signal or a non-finite loss, before any update
         loss_value = loss.item()
-        flags = torch.tensor([run["stop"].received is not None, not math.isfinite(loss_value)])
+        flags = torch.tensor(
+            [run["stop"].received is not None, not math.isfinite(loss_value)]
+        )
         if env.distributed:
             flags = flags.to(device, torch.int32)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             flags = flags.cpu()
         if flags[1]:
+            bad = (
+                loss_value if not math.isfinite(loss_value) else "non-finite elsewhere"
+            )
             raise UsageError(
-                f"the loss became {loss_value if not math.isfinite(loss_value) else 'non-finite'} "
-                f"at epoch {epoch} step {i}; stopped without saving (the last checkpoint in "
+                f"the loss became {bad} at epoch {epoch} step {i}; stopped "
+                "without saving (the last checkpoint in "
                 f"{args.output_dir!r} is intact). Try a lower --lr or --amp-dtype bfloat16"
             )
 
@@ -440,21 +671,31 @@ def train(train_loader, model, criterion, optimizer, epoch, args, run, first, lr
             done = i + 1 - first
             run["log"].log(
                 {
-                    "kind": "step", "epoch": epoch, "step": i, "global_step": epoch * total + i,
-                    "loss": losses.val, "acc1": top1.val, "acc5": top5.val, "lr": lr,
-                    "images_per_s": im_q.size(0) * env.world_size / max(batch_time.val, 1e-9),
+                    "kind": "step",
+                    "epoch": epoch,
+                    "step": i,
+                    "global_step": epoch * total + i,
+                    "loss": losses.val,
+                    "acc1": top1.val,
+                    "acc5": top5.val,
+                    "lr": lr,
+                    "images_per_s": im_q.size(0)
+                    * env.world_size
+                    / max(batch_time.val, 1e-9),
                     "data_share": data_time.sum / max(batch_time.sum, 1e-9),
                     "epoch_eta_s": (end - epoch_start) / done * (total - i - 1),
                 },
                 step=epoch * total + i,
-            )  # fmt: skip
+            )
 
         steps_done = i + 1
         if flags[0]:
             if env.is_main:
                 save(args, run, epoch, steps_done, ckpt.LAST_NAME)
-                logger.info(f"=> stopped by a signal at epoch {epoch} step {steps_done}; resume "
-                            f"with --resume auto --output-dir {args.output_dir}")  # fmt: skip
+                logger.info(
+                    f"=> stopped by a signal at epoch {epoch} step {steps_done}; resume "
+                    f"with --resume auto --output-dir {args.output_dir}"
+                )
             return True
         if args.save_freq and steps_done % args.save_freq == 0 and steps_done < total:
             if env.is_main:
@@ -463,14 +704,19 @@ def train(train_loader, model, criterion, optimizer, epoch, args, run, first, lr
     elapsed = time.time() - epoch_start
     run["log"].log(
         {
-            "kind": "epoch", "epoch": epoch, "loss": losses.avg, "acc1": top1.avg,
-            "acc5": top5.avg, "lr": lr, "epoch_time_s": elapsed,
+            "kind": "epoch",
+            "epoch": epoch,
+            "loss": losses.avg,
+            "acc1": top1.avg,
+            "acc5": top5.avg,
+            "lr": lr,
+            "epoch_time_s": elapsed,
             "images_per_s": losses.count * env.world_size / max(elapsed, 1e-9),
             "data_share": data_time.sum / max(batch_time.sum, 1e-9),
             "eta_s": elapsed * (args.epochs - epoch - 1),
         },
         step=(epoch + 1) * total,
-    )  # fmt: skip
+    )
     skipped = int(train_loader.dataset.skipped)
     if skipped:
         logger.warning(f"=> {skipped} unreadable image(s) skipped so far")
@@ -507,7 +753,9 @@ def get_rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"].cpu())
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    random.setstate(
+        tuple(tuple(x) if isinstance(x, list) else x for x in state["python"])
+    )
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
@@ -516,25 +764,41 @@ def set_rng_state(state):
 
 def _numpy_state_to_plain(state):
     kind, keys, pos, has_gauss, cached = state
-    return (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    return (
+        kind,
+        torch.from_numpy(keys.astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    )
 
 
 def print_summary(args, env, batch_size, steps_per_epoch, n_images):
     """The derived values users otherwise get wrong, printed once."""
     global_batch = batch_size * env.world_size
     keys = global_batch * (2 if args.symmetric else 1)
-    precision = f"{args.amp_dtype} autocast (logits, queue in float32)" if args.amp else "float32"
+    precision = (
+        f"{args.amp_dtype} autocast (logits, queue in float32)"
+        if args.amp
+        else "float32"
+    )
     lines = [
         f"processes: {env.world_size} ({env.procs_per_node} per node), device {env.device}",
         f"batch: {batch_size} per process, {global_batch} global",
         f"learning rate: {args.lr:g} (linear scaling for this batch: "
         f"{0.03 * global_batch / 256:g} = 0.03 x {global_batch}/256)",
         f"queue: {args.moco_k} keys = {args.moco_k / keys:g} steps of {keys} keys"
-        + ("" if args.moco_k % keys == 0 else " (not a multiple: the enqueue wraps around)"),
+        + (
+            ""
+            if args.moco_k % keys == 0
+            else " (not a multiple: the enqueue wraps around)"
+        ),
         f"augmentation: {'MoCo v2 (--aug-plus)' if args.aug_plus else 'MoCo v1'}, "
-        f"{args.input_size}px crops ({args.aug_impl} code); head: {'MLP' if args.mlp else 'linear'}; "
+        f"{args.input_size}px crops ({args.aug_impl} code); "
+        f"head: {'MLP' if args.mlp else 'linear'}; "
         f"schedule: {'cosine' if args.cos else 'steps at ' + str(args.schedule)}",
-        f"data: {n_images} images, {steps_per_epoch} steps per epoch; precision: {precision}",
+        f"data: {n_images} images, {steps_per_epoch} steps per epoch; "
+        f"precision: {precision}",
         f"output: {os.path.abspath(args.output_dir)}",
     ]
     for line in lines:
@@ -545,7 +809,9 @@ def knn_monitor(model, args, env, epoch, log):
     from moco.knn import knn_monitor_accuracy
 
     acc = knn_monitor_accuracy(model.encoder_q, args, env)
-    logger.info(f" * kNN Acc@1 {acc:.2f} (epoch {epoch}, k {args.knn_k}, t {args.knn_t})")
+    logger.info(
+        f" * kNN Acc@1 {acc:.2f} (epoch {epoch}, k {args.knn_k}, t {args.knn_t})"
+    )
     log.log({"kind": "knn", "epoch": epoch, "knn_acc1": acc}, step=epoch + 1)
 
 

@@ -19,10 +19,17 @@ class MoCo(nn.Module):
     """
 
     def __init__(
-        self, base_encoder, dim=128, K=65536, m=0.999, T=0.07, mlp=False, symmetric=False
+        self,
+        base_encoder,
+        dim=128,
+        K=65536,
+        m=0.999,
+        T=0.07,
+        mlp=False,
+        symmetric=False,
     ):
         """
-        base_encoder: called as base_encoder(num_classes=dim), e.g. torchvision.models.resnet50
+        base_encoder: called as base_encoder(num_classes=dim), e.g. a torchvision ResNet
         dim: feature dimension (default: 128)
         K: queue size; number of negative keys (default: 65536)
         m: moco momentum of updating key encoder (default: 0.999)
@@ -51,12 +58,16 @@ class MoCo(nn.Module):
                 nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc
             )
 
-        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+        for param_q, param_k in zip(
+            self.encoder_q.parameters(), self.encoder_k.parameters()
+        ):
             param_k.data.copy_(param_q.data)  # initialize
             param_k.requires_grad = False  # not updated by gradient
 
         # create the queue: dim x K, one L2-normalised key per column
-        self.register_buffer("queue", nn.functional.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer(
+            "queue", nn.functional.normalize(torch.randn(dim, K), dim=0)
+        )
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
         self._scratch = None  # workspace of the momentum update, not part of the state
@@ -70,7 +81,11 @@ class MoCo(nn.Module):
         params_q = [p.detach() for p in self.encoder_q.parameters()]
         params_k = [p.detach() for p in self.encoder_k.parameters()]
         s = self._scratch
-        if s is None or s[0].device != params_q[0].device or s[0].dtype != params_q[0].dtype:
+        if (
+            s is None
+            or s[0].device != params_q[0].device
+            or s[0].dtype != params_q[0].dtype
+        ):
             self._scratch = [torch.empty_like(p) for p in params_q]
         # the same rounding as the two products and the sum written out, with no
         # allocation per step (an add with alpha would fuse into one multiply-add)
@@ -140,7 +155,9 @@ class MoCo(nn.Module):
             # shuffle for making use of BN
             im_k, idx_unshuffle = self._batch_shuffle(im_k)
 
-            k = nn.functional.normalize(self.encoder_k(im_k).float(), dim=1)  # keys: NxC
+            k = nn.functional.normalize(
+                self.encoder_k(im_k).float(), dim=1
+            )  # keys: NxC
 
             # undo shuffle
             k, k_all = self._batch_unshuffle(k, idx_unshuffle)

@@ -129,7 +129,10 @@ def encoder_state_dict(obj, path="checkpoint", keep_head=False):
         if any(k.startswith(prefix) for k in state_dict):
             break
     else:
-        if any(re.search(r"(^|\.)(encoder_q|encoder_k|base_encoder|queue)(\.|$)", k) for k in state_dict):
+        if any(
+            re.search(r"(^|\.)(encoder_q|encoder_k|base_encoder|queue)(\.|$)", k)
+            for k in state_dict
+        ):
             raise CheckpointError(
                 f"{path!r} holds a MoCo model under an unknown prefix; expected one of "
                 + ", ".join(ENCODER_PREFIXES)
@@ -139,7 +142,8 @@ def encoder_state_dict(obj, path="checkpoint", keep_head=False):
     encoder = {
         k[len(prefix) :]: v
         for k, v in state_dict.items()
-        if k.startswith(prefix) and (keep_head or not k[len(prefix) :].startswith(HEAD_PREFIX))
+        if k.startswith(prefix)
+        and (keep_head or not k[len(prefix) :].startswith(HEAD_PREFIX))
     }
     if not encoder:
         raise CheckpointError(f"{path!r} holds no encoder tensors under {prefix!r}")
@@ -156,11 +160,15 @@ def load_encoder(model, path, arch=None, what="--pretrained"):
     obj = load_checkpoint(path, what=what)
     file_arch = obj.get("arch") if isinstance(obj, dict) else None
     if arch and isinstance(file_arch, str) and file_arch != arch:
-        raise CheckpointError(f"{what} {path!r} is a {file_arch} checkpoint; got -a {arch}")
+        raise CheckpointError(
+            f"{what} {path!r} is a {file_arch} checkpoint; got -a {arch}"
+        )
     state_dict, _ = encoder_state_dict(obj, path)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
     # files saved by old torch versions have no BatchNorm step counters; eval ignores them
-    missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
+    missing = [
+        k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")
+    ]
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
         raise CheckpointError(
@@ -170,14 +178,20 @@ def load_encoder(model, path, arch=None, what="--pretrained"):
         )
     for k, v in state_dict.items():
         if v.shape != own[k].shape:
-            hint = " (pretrained with --small-stem? add or drop it)" if k == "conv1.weight" else ""
+            hint = (
+                " (pretrained with --small-stem? add or drop it)"
+                if k == "conv1.weight"
+                else ""
+            )
             raise CheckpointError(
                 f"{what} {path!r}: {k} has shape {list(v.shape)}, the model's is "
                 f"{list(own[k].shape)}{hint}; check -a"
             )
     result = model.load_state_dict(state_dict, strict=False)
     head = {k for k in model.state_dict() if k.startswith(HEAD_PREFIX)}
-    assert {k for k in result.missing_keys if not k.endswith("num_batches_tracked")} == head
+    assert {
+        k for k in result.missing_keys if not k.endswith("num_batches_tracked")
+    } == head
     return state_dict
 
 
@@ -192,7 +206,10 @@ def list_checkpoints(directory):
         m = CHECKPOINT_RE.match(name)
         if m:
             found.append(os.path.join(directory, name))
-    found.sort(key=lambda p: int(CHECKPOINT_RE.match(os.path.basename(p)).group(1)), reverse=True)
+    found.sort(
+        key=lambda p: int(CHECKPOINT_RE.match(os.path.basename(p)).group(1)),
+        reverse=True,
+    )
     return found
 
 

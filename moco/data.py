@@ -30,7 +30,9 @@ def check_image_folder(root, what="data"):
     try:
         classes, _ = find_classes(root)
     except FileNotFoundError:
-        raise UsageError(f"{what} folder {root!r} has no class folders; {layout}") from None
+        raise UsageError(
+            f"{what} folder {root!r} has no class folders; {layout}"
+        ) from None
     total = 0
     for c in classes:
         n = sum(
@@ -56,7 +58,9 @@ def check_val_folder(data_dir, what="validation data"):
     train, val = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
     val_classes, total = check_image_folder(val, what)
     try:
-        train_classes, _ = find_classes(train)  # a listing: the images were checked before
+        train_classes, _ = find_classes(
+            train
+        )  # a listing: the images were checked before
     except FileNotFoundError:
         check_image_folder(train, "training data")  # raises, saying what is wrong
         raise
@@ -108,14 +112,20 @@ class SeededImageFolder(Dataset):
         self.transform = transform
         self.data_seed = data_seed
         self.skip_bad = skip_bad
-        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()  # across workers
+        self.skipped = torch.zeros(
+            1, dtype=torch.int64
+        ).share_memory_()  # across workers
         self._reported = set()
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, sample_seed(self.data_seed, 0, key))
+        index, seed = (
+            key
+            if isinstance(key, tuple)
+            else (key, sample_seed(self.data_seed, 0, key))
+        )
         for attempt in range(len(self.samples)):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:

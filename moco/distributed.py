@@ -21,7 +21,9 @@ import torch.multiprocessing as mp
 
 from moco.utils import UsageError, logger, one_line
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume it
+PREEMPTED_EXIT_CODE = (
+    75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume it
+)
 
 
 @dataclass
@@ -60,24 +62,34 @@ def check_launch_args(args):
     """Refuse impossible launch settings before any process starts."""
     if _under_torchrun() and args.multiprocessing_distributed:
         raise UsageError(
-            "torchrun already starts one process per GPU: drop --multiprocessing-distributed"
+            "torchrun already starts one process per GPU: "
+            "drop --multiprocessing-distributed"
         )
     if args.gpu is not None and not torch.cuda.is_available():
-        raise UsageError(f"--gpu {args.gpu} given, but no CUDA GPU is visible; drop --gpu")
+        raise UsageError(
+            f"--gpu {args.gpu} given, but no CUDA GPU is visible; drop --gpu"
+        )
     if args.gpu is not None and args.gpu >= torch.cuda.device_count():
         raise UsageError(
-            f"--gpu {args.gpu} given, but only {torch.cuda.device_count()} GPU(s) are visible"
+            f"--gpu {args.gpu} given, but only {torch.cuda.device_count()} GPU(s) "
+            "are visible"
         )
     n = procs_per_node(args)
     if n < 1:
         raise UsageError(f"--procs-per-node must be positive, got {n}")
     if torch.cuda.is_available() and n > torch.cuda.device_count():
-        raise UsageError(f"{n} processes per node but only {torch.cuda.device_count()} GPUs")
+        raise UsageError(
+            f"{n} processes per node but only {torch.cuda.device_count()} GPUs"
+        )
     if not _under_torchrun() and args.dist_url != "env://":
         if args.multiprocessing_distributed and args.world_size < 1:
-            raise UsageError("--multiprocessing-distributed needs --world-size (number of nodes)")
+            raise UsageError(
+                "--multiprocessing-distributed needs --world-size (number of nodes)"
+            )
         if (args.multiprocessing_distributed or args.world_size > 1) and args.rank < 0:
-            raise UsageError("distributed training needs --rank (this node's rank, from 0)")
+            raise UsageError(
+                "distributed training needs --rank (this node's rank, from 0)"
+            )
     if args.batch_size % n:
         raise UsageError(
             f"-b {args.batch_size} (the batch of one node) does not split evenly over its "
@@ -86,7 +98,7 @@ def check_launch_args(args):
 
 
 def _nodes_and_node_rank(args):
-    """Number of nodes and this node's rank, from the arguments or (env://) the environment."""
+    """Number of nodes and this node's rank, from the arguments or (env://) the env."""
     nodes, node_rank = args.world_size, args.rank
     if args.dist_url == "env://":
         nodes = nodes if nodes > 0 else int(os.environ.get("WORLD_SIZE", 1))
@@ -133,9 +145,14 @@ def launch(main_worker, args):
     except mp.ProcessExitedException as e:
         if e.exit_code in (PREEMPTED_EXIT_CODE, 2):  # the process said why already
             raise SystemExit(e.exit_code) from None
-        how = f"signal {signal.Signals(-e.exit_code).name}" if e.exit_code < 0 else f"status {e.exit_code}"
+        how = (
+            f"signal {signal.Signals(-e.exit_code).name}"
+            if e.exit_code < 0
+            else f"status {e.exit_code}"
+        )
         print(
-            f"error: process {e.error_index} died ({how}); the other processes were stopped. "
+            f"error: process {e.error_index} died ({how}); the other processes were "
+            "stopped. "
             "Resume with --resume auto (or the last checkpoint)",
             file=sys.stderr,
         )
@@ -146,7 +163,11 @@ def init_distributed(local_rank, procs_per_node, args):
     """Join the process group of this launch mode; returns where this process runs."""
     url = args.dist_url
     if _under_torchrun():
-        url, world_size, rank = "env://", int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        url, world_size, rank = (
+            "env://",
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ["RANK"]),
+        )
     else:
         nodes, node_rank = _nodes_and_node_rank(args)
         world_size = nodes * procs_per_node
@@ -248,7 +269,9 @@ class StopSignal:
 
     def __init__(self):
         self.received = None
-        self._previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
+        self._previous = {
+            signum: signal.signal(signum, self._handler) for signum in self.SIGNALS
+        }
 
     def restore(self):
         """Put back the handlers that were there before."""
@@ -257,7 +280,9 @@ class StopSignal:
 
     def _handler(self, signum, frame):
         if self.received is None:
-            logger.warning(f"=> received {signal.Signals(signum).name}: stopping after this step")
+            logger.warning(
+                f"=> received {signal.Signals(signum).name}: stopping after this step"
+            )
         self.received = signum
 
     def requested(self, device):

@@ -25,12 +25,16 @@ def check_arch(arch, mlp=False, small_stem=False):
     if mlp or small_stem:
         model = torchvision.models.get_model(arch, num_classes=8)
         if mlp and not isinstance(getattr(model, "fc", None), nn.Linear):
-            raise UsageError(f"--mlp needs an architecture with an 'fc' layer; {arch} has none")
+            raise UsageError(
+                f"--mlp needs an architecture with an 'fc' layer; {arch} has none"
+            )
         if small_stem and not (
             isinstance(getattr(model, "conv1", None), nn.Conv2d)
             and isinstance(getattr(model, "maxpool", None), nn.MaxPool2d)
         ):
-            raise UsageError(f"--small-stem needs a ResNet (conv1 and maxpool); {arch} is not one")
+            raise UsageError(
+                f"--small-stem needs a ResNet (conv1 and maxpool); {arch} is not one"
+            )
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -51,7 +55,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(input)
         N, C, H, W = input.shape
         if N % self.num_splits:
-            raise ValueError(f"batch of {N} does not split into {self.num_splits} BatchNorm groups")
+            raise ValueError(
+                f"batch of {N} does not split into {self.num_splits} BatchNorm groups"
+            )
         running_mean = self.running_mean.repeat(self.num_splits)
         running_var = self.running_var.repeat(self.num_splits)
         out = nn.functional.batch_norm(

@@ -116,7 +116,9 @@ def learning_rate(epoch, lr, epochs, schedule=(), cos=False):
 
 def adjust_learning_rate(optimizer, epoch, args):
     """Decay the learning rate based on schedule; returns the value set."""
-    lr = learning_rate(epoch, args.lr, args.epochs, args.schedule, getattr(args, "cos", False))
+    lr = learning_rate(
+        epoch, args.lr, args.epochs, args.schedule, getattr(args, "cos", False)
+    )
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     return lr

@@ -9,7 +9,9 @@ from PIL import Image
 torch.set_num_threads(1)
 
 
-def make_image_folder(root, classes=3, per_class=8, size=40, seed=0, splits=("train", "val")):
+def make_image_folder(
+    root, classes=3, per_class=8, size=40, seed=0, splits=("train", "val")
+):
     """A tiny ImageFolder of random JPEGs: root/<split>/<class>/<image>."""
     rng = np.random.default_rng(seed)
     for split in splits:
@@ -39,8 +41,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = os.environ.get("MOCO_TEST_PYTHON", __import__("sys").executable)
 
 # the smallest real pretraining run: resnet18 with the CIFAR stem on 32px crops
-TINY = ["-a", "resnet18", "--small-stem", "--input-size", "32", "--moco-dim", "16",
-        "--moco-k", "64", "-b", "8", "-j", "0", "-p", "1", "--seed", "0"]  # fmt: skip
+TINY = [
+    "-a",
+    "resnet18",
+    "--small-stem",
+    "--input-size",
+    "32",
+    "--moco-dim",
+    "16",
+    "--moco-k",
+    "64",
+    "-b",
+    "8",
+    "-j",
+    "0",
+    "-p",
+    "1",
+    "--seed",
+    "0",
+]
 
 
 def moco_args(data, out, *extra, epochs=1):
@@ -63,10 +82,19 @@ def script(name, *argv, timeout=300, env=None, **kwargs):
 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(
-        [PYTHON, *(["-m", "torch.distributed.run"] if name == "torchrun" else []),
-         *([] if name == "torchrun" else [os.path.join(REPO, name)]), *map(str, argv)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO, **kwargs,
-    )  # fmt: skip
+        [
+            PYTHON,
+            *(["-m", "torch.distributed.run"] if name == "torchrun" else []),
+            *([] if name == "torchrun" else [os.path.join(REPO, name)]),
+            *map(str, argv),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
+        **kwargs,
+    )
 
 
 def load(path):
@@ -83,4 +111,7 @@ def assert_same_state(a, b):
     assert sa.keys() == sb.keys()
     for i in sa:
         for k in sa[i]:
-            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (i, k)
+            assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])), (
+                i,
+                k,
+            )

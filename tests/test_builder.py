@@ -62,12 +62,17 @@ def test_construction_uses_the_rng_as_the_original():
     enc_k = tiny_encoder(num_classes=DIM)
     queue = F.normalize(torch.randn(DIM, K), dim=0)
     model = make_moco(seed=0)
-    for (name, p), p_ref in zip(model.encoder_q.state_dict().items(), enc_q.state_dict().values()):
+    for (name, p), p_ref in zip(
+        model.encoder_q.state_dict().items(), enc_q.state_dict().values()
+    ):
         assert torch.equal(p, p_ref), name
     # the key encoder starts as a copy of the query encoder, not as its own init
     for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
         assert torch.equal(pq, pk) and not pk.requires_grad
-    assert not all(torch.equal(a, b) for a, b in zip(enc_k.parameters(), model.encoder_k.parameters()))
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(enc_k.parameters(), model.encoder_k.parameters())
+    )
     assert torch.equal(model.queue, queue)
     assert model.queue_ptr.dtype == torch.long and model.queue_ptr.shape == (1,)
     torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(K))
@@ -97,7 +102,9 @@ def test_one_step_equals_the_original_formulas():
     ref_logits, ref_queue, ref_ptr = reference_step(ref, im_q, im_k, perm)
 
     assert logits.shape == (8, 1 + K)
-    assert labels.dtype == torch.long and torch.equal(labels, torch.zeros(8, dtype=torch.long))
+    assert labels.dtype == torch.long and torch.equal(
+        labels, torch.zeros(8, dtype=torch.long)
+    )
     assert torch.equal(logits, ref_logits)
     assert torch.equal(model.queue, ref_queue)
     assert int(model.queue_ptr) == ref_ptr == 8
@@ -128,8 +135,10 @@ def test_momentum_update_is_the_original_formula_bit_for_bit():
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.add_(torch.randn_like(p))
-    expected = [pk * model.m + pq * (1.0 - model.m) for pq, pk in
-                zip(model.encoder_q.parameters(), model.encoder_k.parameters())]  # fmt: skip
+    expected = [
+        pk * model.m + pq * (1.0 - model.m)
+        for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters())
+    ]
     model._momentum_update_key_encoder()
     for p, e in zip(model.encoder_k.parameters(), expected):
         assert torch.equal(p, e)
@@ -139,7 +148,9 @@ def test_momentum_update_leaves_key_batchnorm_statistics_alone():
     model = make_moco()
     model.train()
     model.encoder_q(images(8, 4))  # changes the query encoder's running statistics only
-    before = {k: v.clone() for k, v in model.encoder_k.state_dict().items() if "running" in k}
+    before = {
+        k: v.clone() for k, v in model.encoder_k.state_dict().items() if "running" in k
+    }
     model._momentum_update_key_encoder()
     after = model.encoder_k.state_dict()
     for k, v in before.items():
@@ -230,8 +241,12 @@ def test_split_batchnorm_normalises_each_group_like_its_own_gpu():
     bns = [copy.deepcopy(bn) for _ in groups]
     for j, g in enumerate(groups):
         torch.testing.assert_close(out[j::2], bns[j](g))
-    torch.testing.assert_close(split.running_mean, (bns[0].running_mean + bns[1].running_mean) / 2)
-    torch.testing.assert_close(split.running_var, (bns[0].running_var + bns[1].running_var) / 2)
+    torch.testing.assert_close(
+        split.running_mean, (bns[0].running_mean + bns[1].running_mean) / 2
+    )
+    torch.testing.assert_close(
+        split.running_var, (bns[0].running_var + bns[1].running_var) / 2
+    )
     split.eval()
     bn.running_mean.copy_(split.running_mean)
     bn.running_var.copy_(split.running_var)

@@ -17,11 +17,17 @@ WORLD = 2
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=WORLD, rank=rank)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=WORLD, rank=rank
+    )
     try:
         model = make_moco(seed=0)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, forward_sync_buffers=False
+        )
+        opt = torch.optim.SGD(
+            model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4
+        )
         im_q = images(N * WORLD, 1)[rank * N : (rank + 1) * N]
         im_k = images(N * WORLD, 2)[rank * N : (rank + 1) * N]
 
@@ -40,12 +46,16 @@ def _worker(rank, port, out_dir):
         mine, everyone = model._batch_unshuffle(shuffled, idx_unshuffle)
         torch.save(
             {
-                "logits": logits.detach(), "loss": loss.detach(), "labels": labels,
+                "logits": logits.detach(),
+                "loss": loss.detach(),
+                "labels": labels,
                 "state": {k: v.clone() for k, v in model.state_dict().items()},
-                "shuffled": shuffled, "mine": mine, "everyone": everyone,
+                "shuffled": shuffled,
+                "mine": mine,
+                "everyone": everyone,
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
-        )  # fmt: skip
+        )
     finally:
         dist.destroy_process_group()
 

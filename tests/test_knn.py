@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import free_port, make_image_folder
 from torch.utils.data import DataLoader, TensorDataset
 
 import main_moco
-from conftest import free_port, make_image_folder
 from moco import knn
 from moco.models import build_encoder
 from moco.utils import UsageError

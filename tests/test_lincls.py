@@ -5,10 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import free_port, make_image_folder
 
 import main_lincls
 import main_moco
-from conftest import free_port, make_image_folder
 from moco import checkpoint as ckpt
 from moco.utils import UsageError
 

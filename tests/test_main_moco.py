@@ -10,17 +10,27 @@ def test_cpu_run_writes_the_original_checkpoint_format(image_folder, tmp_path):
     out = tmp_path / "out"
     run_moco(image_folder, out, "--mlp", "--aug-plus", "--cos", epochs=2)
     assert sorted(p for p in os.listdir(out) if p.endswith(".pth.tar")) == [
-        "checkpoint_0000.pth.tar", "checkpoint_0001.pth.tar"]  # fmt: skip
+        "checkpoint_0000.pth.tar",
+        "checkpoint_0001.pth.tar",
+    ]
     ckpt = load(out / "checkpoint_0001.pth.tar")  # weights_only=True
     assert ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18"
     sd = ckpt["state_dict"]
     assert all(k.startswith("module.") for k in sd)
-    assert sd["module.queue"].shape == (16, 64) and sd["module.queue_ptr"].dtype == torch.long
+    assert (
+        sd["module.queue"].shape == (16, 64)
+        and sd["module.queue_ptr"].dtype == torch.long
+    )
     assert "module.encoder_q.fc.0.weight" in sd and "module.encoder_k.fc.2.bias" in sd
     torch.testing.assert_close(sd["module.queue"].norm(dim=0), torch.ones(64))
     # one SGD group over every parameter, the key encoder's included
-    n_params = sum(1 for k in sd if "running" not in k and "num_batches" not in k
-                   and k.startswith(("module.encoder_q.", "module.encoder_k.")))  # fmt: skip
+    n_params = sum(
+        1
+        for k in sd
+        if "running" not in k
+        and "num_batches" not in k
+        and k.startswith(("module.encoder_q.", "module.encoder_k."))
+    )
     groups = ckpt["optimizer"]["param_groups"]
     assert len(groups) == 1 and len(groups[0]["params"]) == n_params
     # 24 images, batch 8: 3 steps an epoch, 8 keys each: the pointer went round 6 x 8 = 48
@@ -30,8 +40,10 @@ def test_cpu_run_writes_the_original_checkpoint_format(image_folder, tmp_path):
 def test_seeded_cpu_runs_are_bit_identical(image_folder, tmp_path):
     run_moco(image_folder, tmp_path / "a", "--aug-plus")
     run_moco(image_folder, tmp_path / "b", "--aug-plus")
-    assert_same_state(load(tmp_path / "a/checkpoint_0000.pth.tar"),
-                      load(tmp_path / "b/checkpoint_0000.pth.tar"))  # fmt: skip
+    assert_same_state(
+        load(tmp_path / "a/checkpoint_0000.pth.tar"),
+        load(tmp_path / "b/checkpoint_0000.pth.tar"),
+    )
 
 
 def test_resume_continues_exactly_where_the_run_stopped(image_folder, tmp_path):
@@ -39,11 +51,15 @@ def test_resume_continues_exactly_where_the_run_stopped(image_folder, tmp_path):
     run_moco(image_folder, tmp_path / "part", epochs=1)
     first = tmp_path / "part/checkpoint_0000.pth.tar"
     run_moco(image_folder, tmp_path / "part", "--resume", str(first), epochs=2)
-    assert_same_state(load(tmp_path / "full/checkpoint_0001.pth.tar"),
-                      load(tmp_path / "part/checkpoint_0001.pth.tar"))  # fmt: skip
+    assert_same_state(
+        load(tmp_path / "full/checkpoint_0001.pth.tar"),
+        load(tmp_path / "part/checkpoint_0001.pth.tar"),
+    )
 
 
-def test_queue_wraps_around_when_k_is_not_a_multiple_of_the_batch(image_folder, tmp_path):
+def test_queue_wraps_around_when_k_is_not_a_multiple_of_the_batch(
+    image_folder, tmp_path
+):
     run_moco(image_folder, tmp_path, "--moco-k", "20")
     ckpt = load(tmp_path / "checkpoint_0000.pth.tar")
     assert int(ckpt["state_dict"]["module.queue_ptr"]) == (3 * 8) % 20
@@ -52,7 +68,9 @@ def test_queue_wraps_around_when_k_is_not_a_multiple_of_the_batch(image_folder, 
 def test_symmetric_and_bn_splits_train(image_folder, tmp_path, capsys):
     run_moco(image_folder, tmp_path, "--symmetric", "--bn-splits", "2")
     ckpt = load(tmp_path / "checkpoint_0000.pth.tar")
-    assert int(ckpt["state_dict"]["module.queue_ptr"]) == (3 * 16) % 64  # both keys enqueued
+    assert (
+        int(ckpt["state_dict"]["module.queue_ptr"]) == (3 * 16) % 64
+    )  # both keys enqueued
     assert "module.encoder_q.bn1.running_mean" in ckpt["state_dict"]
 
 
@@ -68,9 +86,24 @@ def test_startup_summary_prints_derived_values(image_folder, tmp_path, capsys):
 
 def test_two_processes_spawned_like_the_original(image_folder, tmp_path):
     out = tmp_path / "out"
-    r = script("main_moco.py", image_folder, *TINY, "--epochs", "1", "--output-dir", out,
-               "--multiprocessing-distributed", "--procs-per-node", "2", "--world-size", "1",
-               "--rank", "0", "--dist-url", f"tcp://127.0.0.1:{free_port()}")  # fmt: skip
+    r = script(
+        "main_moco.py",
+        image_folder,
+        *TINY,
+        "--epochs",
+        "1",
+        "--output-dir",
+        out,
+        "--multiprocessing-distributed",
+        "--procs-per-node",
+        "2",
+        "--world-size",
+        "1",
+        "--rank",
+        "0",
+        "--dist-url",
+        f"tcp://127.0.0.1:{free_port()}",
+    )
     assert r.returncode == 0, r.stderr
     assert "batch: 4 per process, 8 global" in r.stdout
     assert "processes: 2 (2 per node), device cpu" in r.stdout
@@ -80,18 +113,48 @@ def test_two_processes_spawned_like_the_original(image_folder, tmp_path):
     # 24 images over 2 processes of 4: 3 steps of 8 keys
     assert int(ckpt["state_dict"]["module.queue_ptr"]) == 24
     # and it resumes, queue included
-    r = script("main_moco.py", image_folder, *TINY, "--epochs", "2", "--output-dir", out,
-               "--multiprocessing-distributed", "--procs-per-node", "2", "--world-size", "1",
-               "--rank", "0", "--dist-url", f"tcp://127.0.0.1:{free_port()}",
-               "--resume", out / "checkpoint_0000.pth.tar")  # fmt: skip
+    r = script(
+        "main_moco.py",
+        image_folder,
+        *TINY,
+        "--epochs",
+        "2",
+        "--output-dir",
+        out,
+        "--multiprocessing-distributed",
+        "--procs-per-node",
+        "2",
+        "--world-size",
+        "1",
+        "--rank",
+        "0",
+        "--dist-url",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--resume",
+        out / "checkpoint_0000.pth.tar",
+    )
     assert r.returncode == 0, r.stderr
-    assert int(load(out / "checkpoint_0001.pth.tar")["state_dict"]["module.queue_ptr"]) == 48
+    assert (
+        int(load(out / "checkpoint_0001.pth.tar")["state_dict"]["module.queue_ptr"])
+        == 48
+    )
 
 
 def test_torchrun_splits_the_node_batch_over_its_processes(image_folder, tmp_path):
-    r = script("torchrun", "--nproc_per_node", "2", "--master_port", free_port(),
-               os.path.join(REPO, "main_moco.py"), image_folder, *TINY, "--epochs", "1",
-               "--output-dir", tmp_path)  # fmt: skip
+    r = script(
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        free_port(),
+        os.path.join(REPO, "main_moco.py"),
+        image_folder,
+        *TINY,
+        "--epochs",
+        "1",
+        "--output-dir",
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "batch: 4 per process, 8 global" in r.stdout
     assert os.path.exists(tmp_path / "checkpoint_0000.pth.tar")
@@ -108,4 +171,6 @@ def test_resumes_a_file_in_the_original_format(image_folder, tmp_path):
     resumed = load(tmp_path / "b/checkpoint_0001.pth.tar")
     assert resumed["epoch"] == 2
     assert int(resumed["state_dict"]["module.queue_ptr"]) == 48
-    assert not os.path.exists(tmp_path / "b/checkpoint_0000.pth.tar")  # started at epoch 1
+    assert not os.path.exists(
+        tmp_path / "b/checkpoint_0000.pth.tar"
+    )  # started at epoch 1

@@ -29,15 +29,43 @@ EPOCHS = 2  # 3 steps an epoch on the 24-image folder
 
 def start(data, out, *extra, procs=1):
     """main_moco.py in its own process group, output unbuffered, one checkpoint a step."""
-    argv = [PYTHON, os.path.join(REPO, "main_moco.py"), str(data), *TINY, "--epochs",
-            str(EPOCHS), "--output-dir", str(out), "--save-freq", "1", *map(str, extra)]  # fmt: skip
+    argv = [
+        PYTHON,
+        os.path.join(REPO, "main_moco.py"),
+        str(data),
+        *TINY,
+        "--epochs",
+        str(EPOCHS),
+        "--output-dir",
+        str(out),
+        "--save-freq",
+        "1",
+        *map(str, extra),
+    ]
     if procs > 1:
-        argv += ["--multiprocessing-distributed", "--procs-per-node", str(procs),
-                 "--world-size", "1", "--rank", "0", "--dist-url",
-                 f"tcp://127.0.0.1:{free_port()}", "--dist-timeout", "60"]  # fmt: skip
+        argv += [
+            "--multiprocessing-distributed",
+            "--procs-per-node",
+            str(procs),
+            "--world-size",
+            "1",
+            "--rank",
+            "0",
+            "--dist-url",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--dist-timeout",
+            "60",
+        ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=REPO, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
 
 
 def wait_for_line(proc, needle, timeout=240):
@@ -73,7 +101,9 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("procs", [1, 2])
-def test_sigkill_at_random_steps_then_resume_auto_is_bit_identical(reference, tmp_path, procs):
+def test_sigkill_at_random_steps_then_resume_auto_is_bit_identical(
+    reference, tmp_path, procs
+):
     data, runs = reference
     out = tmp_path / "out"
     rng = random.Random(procs)
@@ -105,13 +135,18 @@ def test_sigterm_stops_every_rank_checkpoints_and_resumes_exactly(reference, tmp
     assert_same_state(runs[2], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
 
 
-def test_a_dead_rank_stops_the_others_and_the_directory_stays_resumable(reference, tmp_path):
+def test_a_dead_rank_stops_the_others_and_the_directory_stays_resumable(
+    reference, tmp_path
+):
     data, runs = reference
     out = tmp_path / "out"
     proc = start(data, out, procs=2)
     wait_for_line(proc, "Epoch: [1][0/3]")
-    children = subprocess.run(["pgrep", "-f", "-s", str(proc.pid), "spawn_main"],
-                              capture_output=True, text=True).stdout.split()  # fmt: skip
+    children = subprocess.run(
+        ["pgrep", "-f", "-s", str(proc.pid), "spawn_main"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert len(children) == 2, children
     os.kill(int(max(children, key=int)), signal.SIGKILL)
     began = time.time()
@@ -123,7 +158,9 @@ def test_a_dead_rank_stops_the_others_and_the_directory_stays_resumable(referenc
     assert_same_state(runs[2], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
 
 
-def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(tmp_path, monkeypatch):
+def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(
+    tmp_path, monkeypatch
+):
     path = tmp_path / "checkpoint_0000.pth.tar"
     ckpt.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(path))
 
@@ -132,7 +169,9 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(tmp_path, monk
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        ckpt.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, str(path), writer=dies_half_way)
+        ckpt.save_checkpoint(
+            {"epoch": 2, "w": torch.zeros(3)}, str(path), writer=dies_half_way
+        )
     assert load(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["checkpoint_0000.pth.tar"]  # no temporary file left
 
@@ -140,14 +179,18 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(tmp_path, monk
 def test_keep_last_bounds_the_number_of_epoch_checkpoints(image_folder, tmp_path):
     run_moco(image_folder, tmp_path, "--keep-last", "2", epochs=3)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".tar")) == [
-        "checkpoint_0001.pth.tar", "checkpoint_0002.pth.tar"]  # fmt: skip
+        "checkpoint_0001.pth.tar",
+        "checkpoint_0002.pth.tar",
+    ]
 
 
 def test_resume_auto_skips_a_truncated_newest_checkpoint(image_folder, tmp_path):
     run_moco(image_folder, tmp_path, epochs=2)
     newest = tmp_path / "checkpoint_0001.pth.tar"
     newest.write_bytes(newest.read_bytes()[:1000])
-    assert ckpt.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_0000.pth.tar")
+    assert ckpt.find_latest_checkpoint(str(tmp_path)) == str(
+        tmp_path / "checkpoint_0000.pth.tar"
+    )
 
 
 def test_a_non_finite_loss_stops_before_any_bad_state_is_written(
@@ -166,7 +209,11 @@ def test_a_non_finite_loss_stops_before_any_bad_state_is_written(
         run_moco(image_folder, tmp_path, "--save-freq", "1")
     state = load(tmp_path / ckpt.LAST_NAME)
     assert (state["epoch"], state["iter"]) == (0, 2)  # the last good step
-    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all()
+        for v in state["state_dict"].values()
+        if v.is_floating_point()
+    )
     assert not os.path.exists(tmp_path / "checkpoint_0000.pth.tar")
 
 
@@ -197,7 +244,10 @@ def _args_error(image_folder, tmp_path, *extra):
         (["--symmetric", "--moco-k", "12"], "smaller than the 16 keys"),
         (["-a", "resnet_large"], "unknown --arch 'resnet_large'"),
         (["-a", "get_model"], "unknown --arch 'get_model'"),
-        (["-a", "mobilenet_v3_small", "--mlp"], "--mlp needs an architecture with an 'fc'"),
+        (
+            ["-a", "mobilenet_v3_small", "--mlp"],
+            "--mlp needs an architecture with an 'fc'",
+        ),
         (["-b", "0"], "-b/--batch-size must be positive"),
         (["--moco-dim", "-1"], "--moco-dim must be positive"),
         (["--epochs", "0"], "--epochs must be positive"),
@@ -209,7 +259,9 @@ def _args_error(image_folder, tmp_path, *extra):
         (["--gpu", "0"], "no CUDA GPU is visible"),
     ],
 )
-def test_impossible_arguments_are_refused_with_one_line(image_folder, tmp_path, extra, message):
+def test_impossible_arguments_are_refused_with_one_line(
+    image_folder, tmp_path, extra, message
+):
     if "--gpu" in extra and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     text = _args_error(image_folder, tmp_path / "out", *extra)
@@ -234,8 +286,12 @@ def test_a_resume_file_of_another_model_is_refused(image_folder, tmp_path):
         ("--mlp",): "trained without --mlp",
     }
     for extra, message in cases.items():
-        assert message in _args_error(image_folder, tmp_path / "b", "--resume", path, *extra)
-    assert "does not exist" in _args_error(image_folder, tmp_path / "b", "--resume", "nope.tar")
+        assert message in _args_error(
+            image_folder, tmp_path / "b", "--resume", path, *extra
+        )
+    assert "does not exist" in _args_error(
+        image_folder, tmp_path / "b", "--resume", "nope.tar"
+    )
 
 
 def test_bad_data_folders_are_refused_before_training(tmp_path):
@@ -256,18 +312,31 @@ def _corrupt_one_image(image_folder, kind):
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
-        f.write(data[: len(data) // 3] if kind == "truncated" else b"this is not an image")
+        f.write(
+            data[: len(data) // 3] if kind == "truncated" else b"this is not an image"
+        )
     return path
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not an image"])
 def test_an_unreadable_image_is_named_in_a_one_line_error(image_folder, tmp_path, kind):
     path = _corrupt_one_image(image_folder, kind)
-    r = script("main_moco.py", image_folder, *TINY, "-j", "1", "--epochs", "1",
-               "--output-dir", tmp_path)  # fmt: skip
+    r = script(
+        "main_moco.py",
+        image_folder,
+        *TINY,
+        "-j",
+        "1",
+        "--epochs",
+        "1",
+        "--output-dir",
+        tmp_path,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and path in lines[0] and "--skip-bad-images" in lines[0], r.stderr
+    assert (
+        len(lines) == 1 and path in lines[0] and "--skip-bad-images" in lines[0]
+    ), r.stderr
 
 
 def test_skip_bad_images_logs_skips_and_counts(image_folder, tmp_path, capsys):
