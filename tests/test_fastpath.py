@@ -1,0 +1,280 @@
+"""The fast training step computes exactly what the straightforward one computes.
+
+The builder updates the key encoder in place, enqueues without reading the pointer
+on the host and shuffles with all_to_all; the reference below does the same steps
+the straightforward way (new tensors every step, every image gathered to every
+process, the keys gathered again for the queue, a slice enqueue).
+"""
+
+import copy
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import REPO, free_port, load, moco_args, run_moco
+from test_builder import images, make_moco
+
+from moco.builder import MoCo, _world_size_and_rank, concat_all_gather
+from moco.utils import UsageError
+
+
+class Straightforward(MoCo):
+    """The same model with the straightforward formulas in the parts the builder speeds up."""
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            pk.data = pk.data * self.m + pq.data * (1.0 - self.m)
+
+    @torch.no_grad()
+    def _batch_shuffle(self, x):
+        world_size, rank = _world_size_and_rank()
+        x_all = concat_all_gather(x)  # every image to every process
+        idx_shuffle = torch.randperm(x_all.shape[0])
+        if world_size > 1:
+            dist.broadcast(idx_shuffle, src=0)
+        return x_all[idx_shuffle.view(world_size, -1)[rank]], torch.argsort(idx_shuffle)
+
+    @torch.no_grad()
+    def _batch_unshuffle(self, x, idx_unshuffle):
+        world_size, rank = _world_size_and_rank()
+        mine = concat_all_gather(x)[idx_unshuffle.view(world_size, -1)[rank]]
+        return mine, concat_all_gather(mine)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys):
+        ptr, n = int(self.queue_ptr), keys.shape[0]
+        assert self.K % n == 0
+        self.queue[:, ptr : ptr + n] = keys.T
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+
+def straightforward_copy(model):
+    ref = copy.deepcopy(model)
+    ref.__class__ = Straightforward
+    return ref
+
+
+def train_steps(model, steps, n, seed, ddp=None):
+    """SGD steps as main_moco.train takes them; returns the logits of each step."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    out = []
+    for i in range(steps):
+        torch.manual_seed(seed + i)  # the shuffle's draw
+        logits, labels = (ddp or model)(
+            images(n, 2 * i + seed), images(n, 2 * i + seed + 1)
+        )
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(logits.detach())
+    return out
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_momentum_update_is_in_place_and_bit_identical_over_steps():
+    for m in (0.99, 0.999):
+        model = make_moco(m=m)
+        ref = straightforward_copy(model)
+        storage = [p.data_ptr() for p in model.encoder_k.parameters()]
+        for step in range(3):
+            for mod in (model, ref):
+                torch.manual_seed(step)
+                with torch.no_grad():
+                    for p in mod.encoder_q.parameters():
+                        p.add_(torch.randn_like(p))  # a training step's change
+                mod._momentum_update_key_encoder()
+            for pk, pr in zip(model.encoder_k.parameters(), ref.encoder_k.parameters()):
+                assert torch.equal(pk, pr)
+        # the same tensors, updated in place: nothing is allocated or rebound
+        assert [p.data_ptr() for p in model.encoder_k.parameters()] == storage
+    assert not any("scratch" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_training_steps_are_bit_identical_to_the_straightforward_ones(symmetric):
+    # K 32, 8 keys a step (16 symmetric): the queue wraps around within the run
+    model = make_moco(symmetric=symmetric)
+    ref = straightforward_copy(model)
+    for a, b in zip(train_steps(model, 5, 4, seed=10), train_steps(ref, 5, 4, seed=10)):
+        assert torch.equal(a, b)
+    assert_same_model(model, ref)
+
+
+# ---------------------------------------------------------------- two processes
+N, WORLD = 4, 2
+
+
+def _two_process_worker(rank, port):
+    torch.set_num_threads(1)
+    url = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=url, world_size=WORLD, rank=rank)
+    try:
+        sent_images = []  # (collective, rows this process receives)
+        all_gather, all_to_all = dist.all_gather, dist.all_to_all_single
+
+        def gather_counting(out, t, *a, **k):
+            if t.dim() == 4:
+                sent_images.append(("all_gather", WORLD * t.shape[0]))
+            return all_gather(out, t, *a, **k)
+
+        def all_to_all_counting(out, inp, *a, **k):
+            if inp.dim() == 4:
+                sent_images.append(("all_to_all", out.shape[0]))
+            return all_to_all(out, inp, *a, **k)
+
+        dist.all_gather, dist.all_to_all_single = gather_counting, all_to_all_counting
+
+        # the shuffle alone: rows tagged with process and position, process 0's draw
+        model = make_moco(seed=0)
+        x = (100 * rank + torch.arange(N * 3 * 2 * 2)).float().view(N, 3, 2, 2)
+        for trial in range(3):
+            torch.manual_seed(
+                10 * trial + rank
+            )  # the processes draw different permutations
+            state = torch.get_rng_state()
+            fast, idx_fast = model._batch_shuffle(x)
+            torch.set_rng_state(state)
+            ref, idx_ref = Straightforward._batch_shuffle(model, x)
+            assert torch.equal(fast, ref) and torch.equal(idx_fast, idx_ref)
+            keys = torch.randn(N, 8)
+            for a, b in zip(model._batch_unshuffle(keys, idx_fast),
+                            Straightforward._batch_unshuffle(model, keys, idx_ref)):  # fmt: skip
+                assert torch.equal(a, b)
+        # each process received only its own batch of images, not the global batch
+        assert sent_images[0::2] == [("all_to_all", N)] * 3
+        assert sent_images[1::2] == [("all_gather", N * WORLD)] * 3
+
+        # whole training steps with DDP as main_moco builds it: the same numbers
+        model = make_moco(seed=0)
+        ref = straightforward_copy(model)
+        ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        ddp_ref = nn.parallel.DistributedDataParallel(ref, forward_sync_buffers=False)
+        seed = 20 + rank  # each process its own images and its own draws
+        for a, b in zip(
+            train_steps(model, 3, N, seed, ddp), train_steps(ref, 3, N, seed, ddp_ref)
+        ):
+            assert torch.equal(a, b)
+        assert_same_model(model, ref)
+        queues = [torch.empty_like(model.queue) for _ in range(WORLD)]
+        all_gather(queues, model.queue)
+        assert torch.equal(queues[0], queues[1])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_to_all_shuffle_gives_the_gather_shuffle_and_the_same_steps_on_two_processes():
+    mp.spawn(_two_process_worker, args=(free_port(),), nprocs=WORLD)
+
+
+# ---------------------------------------------------------------- fast-path flags
+def test_bfloat16_autocast_keeps_logits_and_queue_in_float32():
+    model = make_moco()
+    im_q, im_k = images(8, 1), images(8, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.encoder_q(im_q).dtype == torch.bfloat16  # autocast is on
+        logits, labels = model(im_q, im_k)
+    loss = F.cross_entropy(logits, labels)
+    assert logits.dtype == torch.float32 and model.queue.dtype == torch.float32
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.encoder_q.parameters())
+    # the enqueued keys are the float32 normalised keys
+    torch.testing.assert_close(model.queue[:, :8].norm(dim=0), torch.ones(8))
+
+
+def test_channels_last_gives_the_contiguous_results():
+    model = make_moco()
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert cl.encoder_q.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(train_steps(model, 2, 4, seed=30), train_steps(cl, 2, 4, seed=30)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for p, q in zip(model.parameters(), cl.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(model.queue, cl.queue, rtol=1e-4, atol=1e-5)
+
+
+class TinyNet(nn.Module):
+    """A conv, BatchNorm and fc: compiles in seconds."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn1(self.conv1(x))).mean((2, 3)))
+
+
+@pytest.mark.skipif(
+    not shutil.which(os.environ.get("CXX", "g++")), reason="no C++ compiler"
+)
+def test_compiled_encoders_keep_state_dict_names_and_results():
+    torch.manual_seed(0)
+    model = MoCo(TinyNet, dim=8, K=16, m=0.9, T=0.2, mlp=True)
+    eager = copy.deepcopy(model)
+    model.encoder_q.compile()  # as main_moco --compile: the module compiled in place
+    model.encoder_k.compile()
+    assert list(model.state_dict()) == list(eager.state_dict())  # checkpoints unchanged
+    for a, b in zip(
+        train_steps(model, 2, 4, seed=40), train_steps(eager, 2, 4, seed=40)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.queue, eager.queue, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_float16_autocast_is_refused_on_the_cpu(image_folder, tmp_path):
+    import main_moco
+
+    with pytest.raises(UsageError, match="float16 needs a GPU"):
+        main_moco.check_args(
+            moco_args(image_folder, tmp_path, "--amp", "--amp-dtype", "float16")
+        )
+
+
+def test_compile_without_a_cpp_compiler_is_refused(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(UsageError, match="C\\+\\+ compiler"):
+        run_moco(image_folder, tmp_path / "out", "--compile")
+    assert os.listdir(tmp_path / "out") == []  # refused before anything was written
+
+
+def test_amp_and_channels_last_train_on_the_cpu(image_folder, tmp_path):
+    run_moco(image_folder, tmp_path, "--amp", "--channels-last")
+    sd = load(tmp_path / "checkpoint_0000.pth.tar")["state_dict"]
+    assert sd["module.queue"].dtype == torch.float32
+    assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+    torch.testing.assert_close(sd["module.queue"].norm(dim=0), torch.ones(64))
+
+
+# ---------------------------------------------------------------- the benchmark
+def test_benchmark_prints_the_step_the_floor_and_the_parts(capsys):
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    try:
+        import step
+    finally:
+        sys.path.pop(0)
+    argv = ["-a", "resnet18", "--small-stem", "--input-size", "16", "-b", "4", "--moco-k", "16",
+            "--moco-dim", "8", "--mlp", "--original", "--steps", "1", "--warmup", "0",
+            "--part-reps", "1", "--threads", "1"]  # fmt: skip
+    step.main(step.get_args_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    for line in ("(a) step", "(b) floor", "(o) original", "ratio (a)/(b) =", "momentum update",
+                 "shuffle (images)", "logits + CE", "queue.clone()", "enqueue",
+                 "ratio from the parts"):  # fmt: skip
+        assert line in out, line
