@@ -1,5 +1,7 @@
 """main_moco.py end to end on a tiny generated ImageFolder."""
 
+import json
+import math
 import os
 
 import torch
@@ -82,6 +84,38 @@ def test_startup_summary_prints_derived_values(image_folder, tmp_path, capsys):
     assert "learning rate: 0.06 (linear scaling for this batch: 0.0009375" in out
     assert "queue: 64 keys = 8 steps of 8 keys" in out
     assert "Epoch: [0][0/3]" in out  # the original's progress lines
+
+
+def test_log_has_one_json_object_per_line_with_the_promised_fields(
+    image_folder, tmp_path
+):
+    run_moco(image_folder, tmp_path, "--knn-freq", "1", "--knn-k", "5", epochs=2)
+    with open(tmp_path / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]  # each line parses on its own
+    kinds = [r["kind"] for r in records]
+    assert kinds[0] == "args" and records[0]["moco_k"] == 64
+    # -p 1, 3 steps an epoch: 3 step records, then the epoch's, then the monitor's
+    assert kinds[1:] == (["step"] * 3 + ["epoch", "knn"]) * 2
+    step_fields = {"epoch", "step", "global_step", "loss", "acc1", "acc5", "lr",
+                   "images_per_s", "data_share", "epoch_eta_s"}  # fmt: skip
+    epoch_fields = {"epoch", "loss", "acc1", "acc5", "lr", "epoch_time_s",
+                    "images_per_s", "data_share", "eta_s"}  # fmt: skip
+    for r in records[1:]:
+        fields = {
+            "step": step_fields,
+            "epoch": epoch_fields,
+            "knn": {"epoch", "knn_acc1"},
+        }
+        assert fields[r["kind"]] <= set(r), r
+        assert all(math.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["global_step"] for r in steps] == list(range(6))
+    assert all(0 <= r["data_share"] <= 1 and r["images_per_s"] > 0 for r in steps)
+    assert steps[-1]["epoch_eta_s"] == 0  # the epoch's last step
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert epochs[0]["eta_s"] > 0 and epochs[1]["eta_s"] == 0
+    assert [r["epoch"] for r in records if r["kind"] == "knn"] == [0, 1]
+    assert all(0 <= r["knn_acc1"] <= 100 for r in records if r["kind"] == "knn")
 
 
 def test_two_processes_spawned_like_the_original(image_folder, tmp_path):
