@@ -541,9 +541,8 @@ def main_worker(local_rank, procs_per_node, args):
         env.is_main,
         tensorboard_dir=os.path.join(args.output_dir, "tensorboard"),
     )
-    log.log(
-        {"kind": "args", **vars(args)}
-    )  # for the plot's chance line, and the record
+    # the run's arguments first: a record, and the queue size for the plot's chance line
+    log.log({"kind": "args", **vars(args)})
     print_summary(args, env, batch_size, steps_per_epoch, len(train_dataset))
 
     stop = StopSignal()

@@ -107,9 +107,10 @@ def prepare_output_dir(path):
 
 def run_step(title, module, argv):
     """Run `module`.main on `argv` in this process, printing the command first."""
-    logger.info(
-        f"\n=== {title}\n$ python {module.__name__.replace('.', '/')}.py {' '.join(argv)}"
-    )
+    # a script at the top (main_moco.py) or a module of the package (python -m moco.knn)
+    name = module.__name__
+    command = f"-m {name}" if "." in name else f"{name}.py"
+    logger.info(f"\n=== {title}\n$ python {command} {' '.join(argv)}")
     return module.main(module.get_args_parser().parse_args(argv))
 
 

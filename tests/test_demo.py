@@ -85,6 +85,9 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "linear-moco", "model_best.pth.tar"))
     printed = capsys.readouterr().out
     assert "random init" in printed and "MoCo v2" in printed and "kNN acc@1" in printed
+    # each step's command is printed in a form that runs
+    assert "$ python -m moco.knn " in printed and "$ python main_moco.py " in printed
+    assert "$ python main_lincls.py " in printed
     for v in results.values():  # the table shows the figures of this run
         assert f"{v:.1f}" in printed
     try:

@@ -100,12 +100,8 @@ def test_log_has_one_json_object_per_line_with_the_promised_fields(
                    "images_per_s", "data_share", "epoch_eta_s"}  # fmt: skip
     epoch_fields = {"epoch", "loss", "acc1", "acc5", "lr", "epoch_time_s",
                     "images_per_s", "data_share", "eta_s"}  # fmt: skip
+    fields = {"step": step_fields, "epoch": epoch_fields, "knn": {"epoch", "knn_acc1"}}
     for r in records[1:]:
-        fields = {
-            "step": step_fields,
-            "epoch": epoch_fields,
-            "knn": {"epoch", "knn_acc1"},
-        }
         assert fields[r["kind"]] <= set(r), r
         assert all(math.isfinite(v) for k, v in r.items() if isinstance(v, float)), r
     steps = [r for r in records if r["kind"] == "step"]
