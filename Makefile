@@ -16,7 +16,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 demo: venv
-	$(PY) -m moco.demo
+	$(PY) -m tools.demo
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -11,17 +11,22 @@ Also runs on one GPU, on the CPU and under torchrun (see README.md).
 
 import argparse
 import os
-import random
 import time
 
-import numpy as np
 import torch
-import torch.backends.cudnn as cudnn
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets.folder import find_classes
 
 from moco import checkpoint as ckpt
+from moco.cli import (
+    add_data_arguments,
+    add_image_arguments,
+    add_launch_arguments,
+    add_training_arguments,
+    check_ranges,
+    run_cli,
+)
 from moco.data import (
     EpochSampler,
     SeededImageFolder,
@@ -29,27 +34,18 @@ from moco.data import (
     check_val_folder,
 )
 from moco.distributed import (
+    Launch,
     all_reduce_sum,
-    broadcast_object,
-    check_launch_args,
     cleanup,
     init_distributed,
     launch,
     shard_range,
+    shared_seed,
 )
 from moco.loader import eval_transforms
-from moco.models import build_encoder, check_arch, model_names
-from moco.utils import (
-    AverageMeter,
-    JsonLogger,
-    ProgressMeter,
-    UsageError,
-    accuracy,
-    adjust_learning_rate,
-    logger,
-    run_cli,
-    setup_logging,
-)
+from moco.meters import AverageMeter, JsonLogger, ProgressMeter, record_step
+from moco.models import build_encoder, check_arch
+from moco.utils import UsageError, adjust_learning_rate, logger, seed_everything
 
 HEAD_KEYS = ("fc.weight", "fc.bias")
 
@@ -58,98 +54,51 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Linear classification on frozen features (ImageNet training)"
     )
-    # fmt: off
-    parser.add_argument("data", metavar="DIR", help="path to dataset (DIR/train, DIR/val)")
-    parser.add_argument(
-        "-a", "--arch", metavar="ARCH", default="resnet50",
-        help="model architecture, a torchvision classification model with an 'fc' layer: "
-        + " | ".join(model_names()) + " (default: resnet50)",
+    add_data_arguments(parser)
+    add_training_arguments(
+        parser,
+        "path to a checkpoint of this script (default: none); without --pretrained "
+        "the sanity check compares with its backbone",
     )
-    parser.add_argument("-j", "--workers", default=32, type=int, metavar="N",
-                        help="number of data loading workers of the node (default: 32)")
-    parser.add_argument("--epochs", default=100, type=int, metavar="N",
-                        help="number of total epochs to run")
-    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
-                        help="manual epoch number (useful on restarts)")
-    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
-                        help="mini-batch size (default: 256), this is the total batch size "
-                        "of all GPUs on the current node")
-    parser.add_argument("--lr", "--learning-rate", default=30.0, type=float, metavar="LR",
-                        help="initial learning rate", dest="lr")
-    parser.add_argument("--schedule", default=[60, 80], nargs="*", type=int,
-                        help="learning rate schedule (when to drop lr by 10x)")
-    parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum")
-    parser.add_argument("--wd", "--weight-decay", default=0.0, type=float, metavar="W",
-                        help="weight decay (default: 0.)", dest="weight_decay")
-    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N",
-                        help="print frequency (default: 10)")
-    parser.add_argument("--resume", default="", type=str, metavar="PATH",
-                        help="path to a checkpoint of this script (default: none); without "
-                        "--pretrained the sanity check compares with its backbone")
-    parser.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
-                        help="evaluate model on validation set")
-    parser.add_argument("--world-size", default=-1, type=int,
-                        help="number of nodes for distributed training")
-    parser.add_argument("--rank", default=-1, type=int,
-                        help="node rank for distributed training")
-    parser.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
-                        help="url used to set up distributed training")
-    parser.add_argument("--dist-backend", default="nccl", type=str,
-                        help="distributed backend (gloo is used where there is no GPU)")
-    parser.add_argument("--seed", default=None, type=int,
-                        help="seed for initializing training; makes a run reproducible")
-    parser.add_argument("--gpu", default=None, type=int, help="GPU id to use.")
-    parser.add_argument("--multiprocessing-distributed", action="store_true",
-                        help="Use multi-processing distributed training to launch N processes "
-                        "per node, which has N GPUs")
-    parser.add_argument("--pretrained", default="", type=str,
-                        help="path to moco pretrained checkpoint: this project's or the "
-                        "original's (module.encoder_q.*), a MoCo model saved without DDP "
-                        "(encoder_q.*), a MoCo v3 ResNet (module.base_encoder.*) or a "
-                        "torchvision state_dict")
-
-    # this project's additions
-    extra = parser.add_argument_group("additions to the original")
-    extra.add_argument("--output-dir", default=".", metavar="DIR",
-                       help="where checkpoints and logs go (default: the current folder)")
-    extra.add_argument("--input-size", default=224, type=int, metavar="PX",
-                       help="crop size in pixels (default: 224)")
-    extra.add_argument("--small-stem", action="store_true",
-                       help="ResNet stem for small images (for encoders pretrained with it)")
-    extra.add_argument("--procs-per-node", default=0, type=int, metavar="N",
-                       help="processes per node with --multiprocessing-distributed "
-                       "(default: one per GPU, or 1 without GPU)")
-    extra.add_argument("--dist-timeout", default=1800, type=int, metavar="S",
-                       help="seconds before a collective waiting on a dead process fails")
-    extra.add_argument("--skip-bad-images", action="store_true",
-                       help="log and skip unreadable training images instead of stopping "
-                       "(validation images never: the accuracy stays exact)")
-    # fmt: on
+    parser.set_defaults(epochs=100, lr=30.0, schedule=[60, 80], weight_decay=0.0)
+    parser.add_argument(
+        "-e",
+        "--evaluate",
+        dest="evaluate",
+        action="store_true",
+        help="evaluate model on validation set",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default="",
+        type=str,
+        help="path to moco pretrained checkpoint: this project's or the original's "
+        "(module.encoder_q.*), a MoCo model saved without DDP (encoder_q.*), a MoCo v3 "
+        "ResNet (module.base_encoder.*) or a torchvision state_dict",
+    )
+    add_launch_arguments(parser)
+    add_image_arguments(parser)
     return parser
 
 
 def check_args(args):
     """Refuse impossible settings with one line each, before any data is read."""
-    positive = {
-        "--epochs": args.epochs,
-        "-b/--batch-size": args.batch_size,
-        "--input-size": args.input_size,
-        "-p/--print-freq": args.print_freq,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise UsageError(f"{name} must be positive, got {value}")
-    for name, value in {
-        "-j/--workers": args.workers,
-        "--start-epoch": args.start_epoch,
-        "--wd": args.weight_decay,
-    }.items():
-        if value < 0:
-            raise UsageError(f"{name} must be zero or positive, got {value}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    check_ranges(
+        positive={
+            "--epochs": args.epochs,
+            "-b/--batch-size": args.batch_size,
+            "--input-size": args.input_size,
+            "-p/--print-freq": args.print_freq,
+            "--lr": args.lr,
+        },
+        non_negative={
+            "-j/--workers": args.workers,
+            "--start-epoch": args.start_epoch,
+            "--wd": args.weight_decay,
+        },
+    )
     check_arch(args.arch, small_stem=args.small_stem)
-    check_launch_args(args)
+    Launch.from_args(args).check(args.batch_size)
     ckpt.check_output_dir(args.output_dir)
 
 
@@ -196,17 +145,13 @@ def check_resume(args, num_classes):
             f"--resume {args.resume!r} is a {state['arch']} model; got -a {args.arch}"
         )
     try:
-        create_model(args, num_classes).load_state_dict(strip_module(sd))
+        create_model(args, num_classes).load_state_dict(ckpt.without_module_prefix(sd))
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise UsageError(
             f"--resume {args.resume!r} does not fit -a {args.arch} with {num_classes} "
             f"classes{' and --small-stem' if args.small_stem else ''}: {detail[:200]}"
         ) from None
-
-
-def strip_module(state_dict):
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
 def main(args):
@@ -217,30 +162,21 @@ def main(args):
     classes, _ = check_image_folder(os.path.join(args.data, "train"), "training data")
     check_val_folder(args.data)
     check_resume(args, len(classes))
-    return launch(main_worker, args)
+    return launch(main_worker, Launch.from_args(args), args)
 
 
 def main_worker(local_rank, procs_per_node, args):
-    env = init_distributed(local_rank, procs_per_node, args)
-    setup_logging(env.rank)
+    env = init_distributed(local_rank, procs_per_node, Launch.from_args(args))
     try:
-        return run(env, procs_per_node, args)
+        return run(env, args)
     finally:
         cleanup()
 
 
-def run(env, procs_per_node, args):
+def run(env, args):
     device = env.device
-    batch_size = args.batch_size // procs_per_node  # -b is the node's batch
-    workers = (args.workers + procs_per_node - 1) // procs_per_node
-
-    if args.seed is not None:
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-    # determinism when a seed asks for it, else the fastest convolution algorithms
-    cudnn.deterministic = args.seed is not None
-    cudnn.benchmark = args.seed is None
+    batch_size, workers = env.per_process(args.batch_size, args.workers)
+    seed_everything(args.seed)
 
     traindir = os.path.join(args.data, "train")
     valdir = os.path.join(args.data, "val")
@@ -285,17 +221,14 @@ def run(env, procs_per_node, args):
         state = ckpt.load_checkpoint(
             args.resume, map_location=device, what="--resume checkpoint"
         )
-        model.load_state_dict(strip_module(state["state_dict"]))
+        model.load_state_dict(ckpt.without_module_prefix(state["state_dict"]))
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_acc1 = state["epoch"], float(state["best_acc1"])
         logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch})")
 
     # Data loading code
-    train_transform, val_transform = eval_transforms(args.input_size)
-    data_seed = (
-        args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    )
-    data_seed = broadcast_object(data_seed)
+    train_transform, val_transform = eval_transforms(args.input_size, args.normalize)
+    data_seed = shared_seed(args.seed)
     train_dataset = SeededImageFolder(
         traindir, train_transform, data_seed=data_seed, skip_bad=args.skip_bad_images
     )
@@ -342,7 +275,7 @@ def run(env, procs_per_node, args):
 
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
-        lr = adjust_learning_rate(optimizer, epoch, args)
+        lr = adjust_learning_rate(optimizer, epoch, args.lr, args.epochs, args.schedule)
 
         # train for one epoch
         train_stats = train(
@@ -360,7 +293,7 @@ def run(env, procs_per_node, args):
             state = {
                 "epoch": epoch + 1,
                 "arch": args.arch,
-                "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+                "state_dict": ckpt.with_module_prefix(model.state_dict()),
                 "best_acc1": best_acc1,
                 "optimizer": optimizer.state_dict(),
             }
@@ -413,10 +346,7 @@ def train(train_loader, model, criterion, optimizer, epoch, args, env):
         loss = criterion(output, target)
 
         # measure accuracy and record loss
-        acc1, acc5 = accuracy(output, target, topk=(1, 5))
-        losses.update(loss.item(), images.size(0))
-        top1.update(acc1, images.size(0))
-        top5.update(acc5, images.size(0))
+        record_step((losses, top1, top5), output, target, loss.item(), images.size(0))
 
         # compute gradient and do SGD step
         optimizer.zero_grad()
@@ -459,10 +389,9 @@ def validate(val_loader, model, criterion, args, env):
             loss = criterion(output, target)
 
             # measure accuracy and record loss
-            acc1, acc5 = accuracy(output, target, topk=(1, 5))
-            losses.update(loss.item(), images.size(0))
-            top1.update(acc1, images.size(0))
-            top5.update(acc5, images.size(0))
+            record_step(
+                (losses, top1, top5), output, target, loss.item(), images.size(0)
+            )
 
             # measure elapsed time
             batch_time.update(time.time() - end)
@@ -498,7 +427,7 @@ def backbone_state(state_dict):
     """CPU copies of the tensors outside fc, without any 'module.' prefix."""
     return {
         k: v.detach().cpu().clone()
-        for k, v in strip_module(state_dict).items()
+        for k, v in ckpt.without_module_prefix(state_dict).items()
         if k not in HEAD_KEYS
     }
 

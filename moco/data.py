@@ -10,6 +10,7 @@ import os
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
+from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from moco.utils import UsageError, logger
@@ -58,11 +59,11 @@ def check_val_folder(data_dir, what="validation data"):
     train, val = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
     val_classes, total = check_image_folder(val, what)
     try:
-        train_classes, _ = find_classes(
-            train
-        )  # a listing: the images were checked before
+        # a listing: the images were checked before
+        train_classes, _ = find_classes(train)
     except FileNotFoundError:
-        check_image_folder(train, "training data")  # raises, saying what is wrong
+        # raises, saying what is wrong
+        check_image_folder(train, "training data")
         raise
     if val_classes != train_classes:
         only_val = sorted(set(val_classes) - set(train_classes))
@@ -102,8 +103,6 @@ class SeededImageFolder(Dataset):
     """
 
     def __init__(self, root, transform, data_seed=0, skip_bad=False):
-        from torchvision.datasets import ImageFolder
-
         folder = ImageFolder(root, allow_empty=False)
         self.root = root
         self.samples = folder.samples
@@ -112,9 +111,8 @@ class SeededImageFolder(Dataset):
         self.transform = transform
         self.data_seed = data_seed
         self.skip_bad = skip_bad
-        self.skipped = torch.zeros(
-            1, dtype=torch.int64
-        ).share_memory_()  # across workers
+        # counted across loader workers
+        self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._reported = set()
 
     def __len__(self):

@@ -1,6 +1,6 @@
 """Process start-up for every launch mode, and helpers that are no-ops with one process.
 
-Launch modes (one code path each script shares):
+Launch modes (one code path all programs share):
 - one process: `python main_moco.py DATA` (a GPU if there is one, `--gpu N`, or the CPU)
 - the original's: `--multiprocessing-distributed --world-size NODES --rank NODE
   --dist-url tcp://HOST:PORT`, one process per GPU (or `--procs-per-node` CPU processes)
@@ -11,23 +11,108 @@ Launch modes (one code path each script shares):
 
 import datetime
 import os
+import random
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco.utils import UsageError, logger, one_line
+from moco.utils import UsageError, logger, one_line, setup_logging
 
-PREEMPTED_EXIT_CODE = (
-    75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume it
-)
+# EX_TEMPFAIL: stopped on a signal after a checkpoint; resume it
+PREEMPTED_EXIT_CODE = 75
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The values of the launch flags (moco.cli.add_launch_arguments)."""
+
+    world_size: int = -1
+    rank: int = -1
+    dist_url: str = "tcp://224.66.41.62:23456"
+    dist_backend: str = "nccl"
+    gpu: int | None = None
+    multiprocessing_distributed: bool = False
+    procs_per_node: int = 0
+    dist_timeout: int = 1800
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    def processes_per_node(self):
+        """Processes this node runs: LOCAL_WORLD_SIZE under torchrun, else one per GPU."""
+        if _under_torchrun():
+            return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if not self.multiprocessing_distributed:
+            return 1
+        if self.procs_per_node:
+            return self.procs_per_node
+        return max(torch.cuda.device_count(), 1)
+
+    def total_processes(self):
+        """The world size this launch will have."""
+        if _under_torchrun():
+            return int(os.environ["WORLD_SIZE"])
+        return self._nodes_and_node_rank()[0] * self.processes_per_node()
+
+    def _nodes_and_node_rank(self):
+        """Number of nodes and this node's rank, from the flags or (env://) the env."""
+        nodes, node_rank = self.world_size, self.rank
+        if self.dist_url == "env://":
+            nodes = nodes if nodes > 0 else int(os.environ.get("WORLD_SIZE", 1))
+            node_rank = node_rank if node_rank >= 0 else int(os.environ.get("RANK", 0))
+        return max(nodes, 1), max(node_rank, 0)
+
+    def check(self, batch_size):
+        """Refuse impossible launch settings before any process starts."""
+        if _under_torchrun() and self.multiprocessing_distributed:
+            raise UsageError(
+                "torchrun already starts one process per GPU: "
+                "drop --multiprocessing-distributed"
+            )
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.gpu is not None and not gpus:
+            raise UsageError(
+                f"--gpu {self.gpu} given, but no CUDA GPU is visible; drop --gpu"
+            )
+        if self.gpu is not None and self.gpu >= gpus:
+            raise UsageError(
+                f"--gpu {self.gpu} given, but only {gpus} GPU(s) are visible"
+            )
+        n = self.processes_per_node()
+        if n < 1:
+            raise UsageError(f"--procs-per-node must be positive, got {n}")
+        if gpus and n > gpus:
+            raise UsageError(f"{n} processes per node but only {gpus} GPUs")
+        if not _under_torchrun() and self.dist_url != "env://":
+            if self.multiprocessing_distributed and self.world_size < 1:
+                raise UsageError(
+                    "--multiprocessing-distributed needs --world-size (number of nodes)"
+                )
+            spawning = self.multiprocessing_distributed or self.world_size > 1
+            if spawning and self.rank < 0:
+                raise UsageError(
+                    "distributed training needs --rank (this node's rank, from 0)"
+                )
+        if batch_size % n:
+            raise UsageError(
+                f"-b {batch_size} (the batch of one node) does not split evenly over "
+                f"its {n} processes; use a multiple of {n}"
+            )
+
+
+def _under_torchrun():
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 @dataclass
 class DistEnv:
+    """Where this process runs and who else does."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -42,97 +127,34 @@ class DistEnv:
     def is_main(self):
         return self.rank == 0
 
-
-def _under_torchrun():
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-
-
-def procs_per_node(args):
-    """Processes this node runs: LOCAL_WORLD_SIZE under torchrun, else one per GPU."""
-    if _under_torchrun():
-        return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if not args.multiprocessing_distributed:
-        return 1
-    if args.procs_per_node:
-        return args.procs_per_node
-    return max(torch.cuda.device_count(), 1)
-
-
-def check_launch_args(args):
-    """Refuse impossible launch settings before any process starts."""
-    if _under_torchrun() and args.multiprocessing_distributed:
-        raise UsageError(
-            "torchrun already starts one process per GPU: "
-            "drop --multiprocessing-distributed"
-        )
-    if args.gpu is not None and not torch.cuda.is_available():
-        raise UsageError(
-            f"--gpu {args.gpu} given, but no CUDA GPU is visible; drop --gpu"
-        )
-    if args.gpu is not None and args.gpu >= torch.cuda.device_count():
-        raise UsageError(
-            f"--gpu {args.gpu} given, but only {torch.cuda.device_count()} GPU(s) "
-            "are visible"
-        )
-    n = procs_per_node(args)
-    if n < 1:
-        raise UsageError(f"--procs-per-node must be positive, got {n}")
-    if torch.cuda.is_available() and n > torch.cuda.device_count():
-        raise UsageError(
-            f"{n} processes per node but only {torch.cuda.device_count()} GPUs"
-        )
-    if not _under_torchrun() and args.dist_url != "env://":
-        if args.multiprocessing_distributed and args.world_size < 1:
-            raise UsageError(
-                "--multiprocessing-distributed needs --world-size (number of nodes)"
-            )
-        if (args.multiprocessing_distributed or args.world_size > 1) and args.rank < 0:
-            raise UsageError(
-                "distributed training needs --rank (this node's rank, from 0)"
-            )
-    if args.batch_size % n:
-        raise UsageError(
-            f"-b {args.batch_size} (the batch of one node) does not split evenly over its "
-            f"{n} processes; use a multiple of {n}"
-        )
-
-
-def _nodes_and_node_rank(args):
-    """Number of nodes and this node's rank, from the arguments or (env://) the env."""
-    nodes, node_rank = args.world_size, args.rank
-    if args.dist_url == "env://":
-        nodes = nodes if nodes > 0 else int(os.environ.get("WORLD_SIZE", 1))
-        node_rank = node_rank if node_rank >= 0 else int(os.environ.get("RANK", 0))
-    return max(nodes, 1), max(node_rank, 0)
-
-
-def total_processes(args):
-    """The world size this launch will have."""
-    if _under_torchrun():
-        return int(os.environ["WORLD_SIZE"])
-    return _nodes_and_node_rank(args)[0] * procs_per_node(args)
+    def per_process(self, batch_size, workers):
+        """This process's share of the node's batch (-b) and loader workers (-j)."""
+        n = self.procs_per_node
+        return batch_size // n, (workers + n - 1) // n
 
 
 def _spawned_worker(local_rank, main_worker, nprocs, args):
     try:
-        main_worker(local_rank, nprocs, args)
+        main_worker(local_rank, nprocs, *args)
     except UsageError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 
-def launch(main_worker, args):
-    """Run main_worker(local_rank, procs_per_node, args) in each process of this node."""
+def launch(main_worker, settings, *args):
+    """Run main_worker(local_rank, procs_per_node, *args) in each process of this node."""
     if _under_torchrun():
-        return main_worker(int(os.environ["LOCAL_RANK"]), procs_per_node(args), args)
-    if not args.multiprocessing_distributed:
-        return main_worker(None, 1, args)
-    nprocs = procs_per_node(args)
+        local_rank = int(os.environ["LOCAL_RANK"])
+        return main_worker(local_rank, settings.processes_per_node(), *args)
+    if not settings.multiprocessing_distributed:
+        return main_worker(None, 1, *args)
+    nprocs = settings.processes_per_node()
     context = mp.spawn(
         _spawned_worker, nprocs=nprocs, args=(main_worker, nprocs, args), join=False
     )
 
-    def forward(signum, frame):  # a scheduler may signal this process only
+    # a scheduler may signal this process only
+    def forward(signum, frame):
         for p in context.processes:
             if p.is_alive():
                 os.kill(p.pid, signum)
@@ -143,7 +165,8 @@ def launch(main_worker, args):
         while not context.join():
             pass
     except mp.ProcessExitedException as e:
-        if e.exit_code in (PREEMPTED_EXIT_CODE, 2):  # the process said why already
+        # the process said why already
+        if e.exit_code in (PREEMPTED_EXIT_CODE, 2):
             raise SystemExit(e.exit_code) from None
         how = (
             f"signal {signal.Signals(-e.exit_code).name}"
@@ -152,33 +175,32 @@ def launch(main_worker, args):
         )
         print(
             f"error: process {e.error_index} died ({how}); the other processes were "
-            "stopped. "
-            "Resume with --resume auto (or the last checkpoint)",
+            "stopped. Resume with --resume auto (or the last checkpoint)",
             file=sys.stderr,
         )
         raise SystemExit(1) from None
 
 
-def init_distributed(local_rank, procs_per_node, args):
-    """Join the process group of this launch mode; returns where this process runs."""
-    url = args.dist_url
+def init_distributed(local_rank, procs_per_node, settings):
+    """
+    Join the process group of this launch mode and log as this process's rank does;
+    returns where this process runs.
+    """
+    url = settings.dist_url
     if _under_torchrun():
-        url, world_size, rank = (
-            "env://",
-            int(os.environ["WORLD_SIZE"]),
-            int(os.environ["RANK"]),
-        )
+        url = "env://"
+        world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     else:
-        nodes, node_rank = _nodes_and_node_rank(args)
+        nodes, node_rank = settings._nodes_and_node_rank()
         world_size = nodes * procs_per_node
         rank = node_rank * procs_per_node + (local_rank or 0)
     local_rank = local_rank or 0
 
     if torch.cuda.is_available():
-        if procs_per_node > 1 or args.gpu is None:
+        if procs_per_node > 1 or settings.gpu is None:
             device = torch.device("cuda", local_rank)
         else:
-            device = torch.device("cuda", args.gpu)
+            device = torch.device("cuda", settings.gpu)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -187,30 +209,23 @@ def init_distributed(local_rank, procs_per_node, args):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs_per_node))
 
     if world_size > 1:
-        backend = args.dist_backend
+        backend = settings.dist_backend
         if device.type == "cpu" and backend == "nccl":
-            backend = "gloo"  # nccl needs GPUs
+            # nccl needs GPUs
+            backend = "gloo"
         dist.init_process_group(
             backend=backend,
             init_method=url,
             world_size=world_size,
             rank=rank,
-            timeout=datetime.timedelta(seconds=args.dist_timeout),
+            timeout=datetime.timedelta(seconds=settings.dist_timeout),
         )
+    setup_logging(rank)
     return DistEnv(rank, world_size, local_rank, procs_per_node, device)
 
 
 def get_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def barrier():
-    if get_world_size() > 1:
-        dist.barrier()
 
 
 def all_reduce_sum(tensor):
@@ -220,6 +235,15 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def any_process(flags, device):
+    """For each of the booleans `flags`: is it true on any process?"""
+    if get_world_size() == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in t.tolist()]
+
+
 def broadcast_object(obj):
     """Process 0's obj on every process."""
     if get_world_size() == 1:
@@ -227,6 +251,13 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shared_seed(seed=None):
+    """`seed`, or a fresh random one, the same on every process (process 0's)."""
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**31)
+    return broadcast_object(seed)
 
 
 def shard_range(n, rank, world_size):
@@ -261,8 +292,8 @@ def cleanup():
 
 class StopSignal:
     """
-    SIGTERM / SIGUSR1 (what cluster schedulers send before preemption) set a flag;
-    `requested(device)` agrees across processes, so every rank stops at the same step.
+    SIGTERM / SIGUSR1 (what cluster schedulers send before preemption) set `received`;
+    the training step agrees on it across processes, so every rank stops at one step.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -284,11 +315,3 @@ class StopSignal:
                 f"=> received {signal.Signals(signum).name}: stopping after this step"
             )
         self.received = signum
-
-    def requested(self, device):
-        flag = self.received is not None
-        if get_world_size() > 1:
-            t = torch.tensor([int(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag

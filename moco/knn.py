@@ -1,7 +1,9 @@
 """Weighted kNN classification on frozen features, as the monitor of the CIFAR-10 demo.
 
-The memory bank is the L2-normalised backbone features (the encoder without its head)
-of DATA/train, the queries those of DATA/val, both under the validation transform.
+The memory bank is the L2-normalised features of DATA/train, the queries those of
+DATA/val, both under the validation transform. Features: the backbone's (the encoder
+without its head: what the linear probe and detection use) or the head's output (the
+space of the contrastive loss: the CIFAR-10 demo's monitor).
 Each query is given the class with the largest sum of exp(similarity / t) over its k
 most similar bank samples (cosine similarity), as InstDisc
 https://arxiv.org/abs/1805.01978.
@@ -13,14 +15,13 @@ similarities go to the lower bank index, equal class scores to the lower class, 
 neither the number of processes nor the chunk sizes that bound memory change the
 result (beyond the rounding of a matrix product of another shape).
 
-    python -m moco.knn -a resnet50 --pretrained CHECKPOINT [imagenet-folder]
+The command line is main_knn.py.
 """
 
-import argparse
 import copy
 import os
-import random
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,26 +29,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from moco.checkpoint import load_encoder
-from moco.data import SeededImageFolder, check_image_folder, check_val_folder
-from moco.distributed import (
-    all_gather_rows,
-    broadcast_object,
-    check_launch_args,
-    cleanup,
-    get_world_size,
-    init_distributed,
-    launch,
-    shard_range,
+from moco.checkpoint import (
+    HEAD_PREFIX,
+    encoder_state_dict,
+    load_checkpoint,
+    load_encoder,
 )
+from moco.data import SeededImageFolder, check_val_folder
+from moco.distributed import all_gather_rows, get_world_size, shard_range
 from moco.loader import eval_transforms
-from moco.models import build_encoder, check_arch, model_names
-from moco.utils import UsageError, logger, run_cli, setup_logging
+from moco.models import build_encoder
+from moco.utils import UsageError, logger
 
 # similarities computed at once, bounding memory: 2**24 float32 values are 64 MiB
 MAX_SIMILARITIES = 2**24
 QUERY_CHUNK = 1024
 HEADS = ("fc", "classifier", "heads", "head")  # torchvision's names of the last layers
+FEATURES = ("backbone", "head")
+CROPS = ("center", "none")
 
 
 def check_knn_data(data_dir):
@@ -62,6 +61,16 @@ def check_knn_data(data_dir):
             "bank): add a val folder with the classes of train"
         )
     return check_val_folder(data_dir)
+
+
+def feature_extractor(encoder, features="backbone"):
+    """
+    An eval-mode copy of `encoder` whose output is the kNN features: "backbone" drops
+    the head, "head" keeps it (the projection the contrastive loss sees).
+    """
+    if features == "head":
+        return copy.deepcopy(encoder).eval()
+    return backbone(encoder)
 
 
 def backbone(encoder):
@@ -181,7 +190,7 @@ def knn_predict(
     return torch.cat(ranked)
 
 
-def knn_accuracy(queries, query_labels, bank, offset, bank_labels, num_classes, k, t):
+def knn_top1(queries, query_labels, bank, offset, bank_labels, num_classes, k, t):
     """
     Top-1 accuracy (percent) of the kNN classifier; collective: every process holds all
     `queries`, its share of `bank` (starting at global index `offset`) and all
@@ -222,24 +231,51 @@ def _share_loader(dataset, env, batch_size, workers):
     )
 
 
-def knn_monitor_accuracy(encoder, args, env):
+@dataclass(frozen=True)
+class KnnOptions:
+    """What the kNN classifier is given: see moco.cli.add_knn_arguments."""
+
+    k: int = 200
+    t: float = 0.1
+    features: str = "backbone"
+    crop: str = "center"
+    normalize: str = "imagenet"
+    input_size: int = 224
+
+    def __post_init__(self):
+        if self.k <= 0:
+            raise UsageError(f"--knn-k must be positive, got {self.k}")
+        if self.t <= 0:
+            raise UsageError(f"--knn-t must be positive, got {self.t}")
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(
+            args.knn_k,
+            args.knn_t,
+            args.knn_features,
+            args.knn_crop,
+            args.normalize,
+            args.input_size,
+        )
+
+
+def knn_accuracy(encoder, data_dir, env, options, batch_size, workers, skip_bad=False):
     """
-    kNN top-1 accuracy (percent) of `encoder`'s backbone features: memory bank
-    DATA/train, queries DATA/val, under the validation transform. Collective: call it
-    on every process; each gets the same figure. Uses args.data, args.knn_k, args.knn_t,
-    args.input_size, args.workers and args.batch_size (of the node, as -b).
+    kNN top-1 accuracy (percent) of `encoder`'s features (see feature_extractor): memory
+    bank DATA/train, queries DATA/val, under the validation transform (see
+    moco.loader.eval_transforms); batch_size and workers are this process's.
+    Collective: call it on every process; each gets the same figure.
     """
     start_time = time.time()
-    model = backbone(encoder).to(env.device)
-    transform = eval_transforms(args.input_size)[1]
-    batch_size = max(args.batch_size // env.procs_per_node, 1)
-    workers = (args.workers + env.procs_per_node - 1) // env.procs_per_node
-    skip_bad = getattr(args, "skip_bad_images", False)  # main_moco.py's option
+    model = feature_extractor(encoder, options.features).to(env.device)
+    center_crop = options.crop == "center"
+    transform = eval_transforms(options.input_size, options.normalize, center_crop)[1]
     bank_set = SeededImageFolder(
-        os.path.join(args.data, "train"), transform, skip_bad=skip_bad
+        os.path.join(data_dir, "train"), transform, skip_bad=skip_bad
     )
     query_set = SeededImageFolder(
-        os.path.join(args.data, "val"), transform, skip_bad=skip_bad
+        os.path.join(data_dir, "val"), transform, skip_bad=skip_bad
     )
 
     bank, bank_labels = extract_features(
@@ -252,116 +288,43 @@ def knn_monitor_accuracy(encoder, args, env):
     offset = shard_range(len(bank_set), env.rank, env.world_size).start
     bank_labels = all_gather_rows(bank_labels)
     queries, query_labels = all_gather_rows(queries), all_gather_rows(query_labels)
-    acc = knn_accuracy(
+    num_classes = len(bank_set.classes)
+    acc = knn_top1(
         queries,
         query_labels,
         bank,
         offset,
         bank_labels,
-        len(bank_set.classes),
-        args.knn_k,
-        args.knn_t,
+        num_classes,
+        options.k,
+        options.t,
     )
     logger.info(
         f"=> kNN: {bank_labels.shape[0]} bank and {queries.shape[0]} query images, "
-        f"{bank.shape[1]}-d features, {time.time() - start_time:.1f} s"
+        f"{bank.shape[1]}-d {options.features} features, "
+        f"{time.time() - start_time:.1f} s"
     )
     return acc
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description="Weighted kNN accuracy of an encoder's backbone features: "
-        "DIR/train is the memory bank, DIR/val the queries"
-    )
-    # fmt: off
-    parser.add_argument("data", metavar="DIR", help="path to dataset (DIR/train, DIR/val)")
-    parser.add_argument(
-        "-a", "--arch", metavar="ARCH", default="resnet50",
-        help="model architecture: " + " | ".join(model_names()) + " (default: resnet50)",
-    )
-    parser.add_argument("--pretrained", default="", metavar="PATH",
-                        help="checkpoint of any kind main_lincls.py accepts (default: none, "
-                        "a randomly initialised encoder: the baseline)")
-    parser.add_argument("--knn-k", default=200, type=int, help="number of neighbours (200)")
-    parser.add_argument("--knn-t", default=0.1, type=float, help="temperature (0.1)")
-    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
-                        help="images per forward pass of the node (default: 256)")
-    parser.add_argument("-j", "--workers", default=32, type=int, metavar="N",
-                        help="number of data loading workers of the node (default: 32)")
-    parser.add_argument("--input-size", default=224, type=int, metavar="PX",
-                        help="crop size in pixels (default: 224)")
-    parser.add_argument("--small-stem", action="store_true",
-                        help="ResNet stem for small images (for encoders pretrained with it)")
-    parser.add_argument("--seed", default=None, type=int,
-                        help="seed of the random initialisation without --pretrained")
-    parser.add_argument("--gpu", default=None, type=int, help="GPU id to use.")
-    parser.add_argument("--multiprocessing-distributed", action="store_true",
-                        help="one process per GPU (or --procs-per-node) on each node")
-    parser.add_argument("--procs-per-node", default=0, type=int, metavar="N",
-                        help="processes per node with --multiprocessing-distributed")
-    parser.add_argument("--world-size", default=-1, type=int, help="number of nodes")
-    parser.add_argument("--rank", default=-1, type=int, help="node rank")
-    parser.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
-                        help="url used to set up distributed evaluation")
-    parser.add_argument("--dist-backend", default="nccl", type=str,
-                        help="distributed backend (gloo is used where there is no GPU)")
-    parser.add_argument("--dist-timeout", default=1800, type=int, metavar="S",
-                        help="seconds before a collective waiting on a dead process fails")
-    # fmt: on
-    return parser
-
-
-def check_args(args):
-    for name, value in {
-        "--knn-k": args.knn_k,
-        "-b/--batch-size": args.batch_size,
-        "--input-size": args.input_size,
-    }.items():
-        if value <= 0:
-            raise UsageError(f"{name} must be positive, got {value}")
-    if args.knn_t <= 0:
-        raise UsageError(f"--knn-t must be positive, got {args.knn_t}")
-    if args.workers < 0:
-        raise UsageError(f"-j/--workers must be zero or positive, got {args.workers}")
-    check_arch(args.arch, small_stem=args.small_stem)
-    check_launch_args(args)
-
-
-def create_model(args):
-    model = build_encoder(args.arch, small_stem=args.small_stem)
-    if args.pretrained:
-        load_encoder(model, args.pretrained, args.arch)
-    return model
-
-
-def main(args):
-    check_args(args)
-    if args.pretrained:
-        create_model(args)  # refuse a wrong file before reading any data
-    check_image_folder(os.path.join(args.data, "train"), "training data")
-    check_knn_data(args.data)
-    return launch(main_worker, args)
-
-
-def main_worker(local_rank, procs_per_node, args):
-    env = init_distributed(local_rank, procs_per_node, args)
-    setup_logging(env.rank)
+def load_encoder_with_head(path, arch, small_stem=False):
+    """The query encoder of a MoCo checkpoint with its head, linear or MLP (--mlp)."""
+    model = build_encoder(arch, small_stem=small_stem)
+    load_encoder(model, path, arch)
+    state_dict, _ = encoder_state_dict(load_checkpoint(path), path, keep_head=True)
+    head = {k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
+    weights = [head[k] for k in sorted(head) if k.endswith("weight")]
+    if not weights:
+        raise UsageError(f"{path!r} holds no head (fc.*): use --knn-features backbone")
+    layers = []
+    for w in weights:
+        layers += [nn.Linear(w.shape[1], w.shape[0]), nn.ReLU()]
+    # names as MoCo's: fc.weight for a linear head, fc.0.* and fc.2.* for the MLP
+    model.fc = layers[0] if len(weights) == 1 else nn.Sequential(*layers[:-1])
     try:
-        # without --pretrained every process needs the same random weights
-        seed = args.seed
-        if seed is None:
-            seed = random.SystemRandom().randrange(2**31)
-        torch.manual_seed(broadcast_object(seed))
-        model = create_model(args).to(env.device)
-        what = f"'{args.pretrained}'" if args.pretrained else f"a random {args.arch}"
-        logger.info(f"=> kNN evaluation of {what} (k {args.knn_k}, t {args.knn_t})")
-        acc = knn_monitor_accuracy(model, args, env)
-        logger.info(f" * kNN Acc@1 {acc:.2f}")
-        return acc
-    finally:
-        cleanup()
-
-
-if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+        model.fc.load_state_dict(
+            {k.removeprefix(HEAD_PREFIX): v for k, v in head.items()}
+        )
+    except RuntimeError:
+        raise UsageError(f"{path!r}: its head (fc.*) is not a MoCo head") from None
+    return model

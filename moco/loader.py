@@ -1,21 +1,28 @@
 """
-Augmentations: the original's MoCo v1 and v2 recipes, and a faster implementation of the
-same recipes (FastTwoCrops) that draws the same random numbers.
+Augmentations: the original's MoCo v1 and v2 recipes and the official CIFAR-10 demo's,
+and the evaluation transforms. moco/fast_augment.py runs the same recipes with the same
+random draws through faster operations (`--aug-impl fast`, the default).
 """
 
-import functools
-import warnings
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 import torchvision.transforms as transforms
-from PIL import Image, ImageEnhance, ImageFilter, ImageStat
+from PIL import ImageFilter
 
+from moco.fast_augment import FastTwoCrops
 from moco.utils import UsageError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# the official CIFAR-10 demo's
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
+CIFAR10_STD = [0.2023, 0.1994, 0.2010]
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+}
+
+RECIPES = ("v1", "v2", "cifar10")
+AUG_IMPLS = ("fast", "original")
 
 
 class TwoCropsTransform:
@@ -42,56 +49,64 @@ class GaussianBlur:
         return x.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
-def pretrain_augmentation(aug_plus=False, size=224):
-    """The original's per-crop augmentation: MoCo v2's with aug_plus, else MoCo v1's."""
-    normalize = transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    if aug_plus:
-        # MoCo v2's aug: similar to SimCLR https://arxiv.org/abs/2002.05709
-        augmentation = [
-            transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            transforms.RandomApply(
-                [transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8  # not strengthened
-            ),
-            transforms.RandomGrayscale(p=0.2),
-            transforms.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
-        ]
-    else:
+def pretrain_augmentation(recipe="v1", size=224, normalize="imagenet"):
+    """One crop's augmentation of a recipe: "v1", "v2" (--aug-plus) or "cifar10"."""
+    mean, std = normalization(normalize)
+    normalize = transforms.Normalize(mean=mean, std=std)
+    if recipe == "v1":
         # MoCo v1's aug: the same as InstDisc https://arxiv.org/abs/1805.01978
         augmentation = [
             transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
             transforms.RandomGrayscale(p=0.2),
             transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
             transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalize,
         ]
-    return transforms.Compose(augmentation)
+    elif recipe == "v2":
+        # MoCo v2's aug: similar to SimCLR https://arxiv.org/abs/2002.05709
+        # (the colour jitter is not strengthened)
+        augmentation = [
+            transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
+            transforms.RandomHorizontalFlip(),
+        ]
+    elif recipe == "cifar10":
+        # the official CIFAR-10 demo's: v2's colour without blur, the default crop scale
+        augmentation = [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+        ]
+    else:
+        raise UsageError(f"unknown augmentation {recipe!r}; use one of {RECIPES}")
+    return transforms.Compose(augmentation + [transforms.ToTensor(), normalize])
 
 
-AUG_IMPLS = ("fast", "original")
-
-
-def pretrain_transform(aug_plus=False, size=224, impl="original"):
+def pretrain_transform(recipe="v1", size=224, impl="original", normalize="imagenet"):
     """
-    Image -> [query crop, key crop]: MoCo v2's recipe with aug_plus, else v1's. impl
-    "original" runs the original's transforms, "fast" the same recipe with the same random
-    draws through FastTwoCrops.
+    Image -> [query crop, key crop] of a recipe. impl "original" runs the transforms
+    above, "fast" the same recipe with the same random draws (moco/fast_augment.py).
     """
     if impl == "original":
-        return TwoCropsTransform(pretrain_augmentation(aug_plus, size))
+        return TwoCropsTransform(pretrain_augmentation(recipe, size, normalize))
     if impl == "fast":
-        return FastTwoCrops(aug_plus, size)
+        if recipe not in RECIPES:
+            pretrain_augmentation(recipe)  # raises, naming the recipes
+        return FastTwoCrops(recipe, size, *normalization(normalize))
     raise UsageError(
         f"unknown augmentation implementation {impl!r}; use one of {AUG_IMPLS}"
     )
 
 
-def eval_transforms(size=224):
-    """The linear probe's (train, val) transforms; val resizes to size * 256 / 224."""
-    normalize = transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def eval_transforms(size=224, normalize="imagenet", center_crop=True):
+    """
+    The linear probe's (train, val) transforms. val resizes to size * 256 / 224 and
+    takes the centre crop; without center_crop it keeps each image as it is (32-px
+    CIFAR images at their own size, as the CIFAR-10 demo's kNN monitor).
+    """
+    normalize = transforms.Normalize(*normalization(normalize))
     train = transforms.Compose(
         [
             transforms.RandomResizedCrop(size),
@@ -100,314 +115,17 @@ def eval_transforms(size=224):
             normalize,
         ]
     )
+    resize = [transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size)]
     val = transforms.Compose(
-        [
-            transforms.Resize(round(size * 256 / 224)),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            normalize,
-        ]
+        (resize if center_crop else []) + [transforms.ToTensor(), normalize]
     )
     return train, val
 
 
-# ---------------------------------------------------------------------------------------
-# The fast implementation of the same recipes.
-#
-# FastTwoCrops draws the same random numbers in the same order as the original's
-# TwoCropsTransform(pretrain_augmentation(...)), so one seed gives the same crop boxes,
-# jitter order and factors, grayscale, blur sigma and flip. Where it is faster:
-#   - resize: torch's uint8 antialiased bilinear (SIMD, int16 weights) instead of PIL's
-#     (int32 weights): the same filter, outputs differ by 1 in a few percent of values;
-#   - hue: PIL's RGB -> HSV -> RGB round trip computed through small tables, bit-exact
-#     (checked against PIL on all 2**24 colours);
-#   - blur: PIL's own three box passes (the same box widths and fixed-point weights)
-#     in float on the normalised crop, without PIL's rounding to uint8 after each of the
-#     six passes: at most 3 grey levels apart (six roundings of at most 1/2), 0.3 to 0.6
-#     on average on photographs (up to 1 on pixel noise, where PIL's rounding undoes
-#     most of a small-sigma blur);
-#   - brightness and contrast: PIL's blend arithmetic as a lookup table, bit-exact;
-#   - to tensor, flip and normalisation: one float conversion for both crops;
-# and saturation and grayscale are PIL's own calls.
-# ---------------------------------------------------------------------------------------
-
-# the three box passes of PIL's GaussianBlur
-_BLUR_PASSES = 3
-
-
-@dataclass
-class CropParams:
-    """One crop's random draws."""
-
-    box: tuple  # top, left, height, width in the decoded image
-    # (order of the four adjustments, brightness, contrast, saturation, hue), or None
-    jitter: tuple | None
-    gray: bool
-    sigma: float | None  # Gaussian blur sigma, None for no blur
-    flip: bool
-
-
-class FastTwoCrops:
-    """
-    Image -> [query crop, key crop], the original's v1 (or v2 with aug_plus) recipe with
-    the same random draws and faster operations (see above).
-    """
-
-    def __init__(self, aug_plus=False, size=224):
-        self.aug_plus = aug_plus
-        self.size = size
-        self.crop = transforms.RandomResizedCrop(size, scale=(0.2, 1.0))
-        hue = 0.1 if aug_plus else 0.4
-        self.color = transforms.ColorJitter(0.4, 0.4, 0.4, hue)
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        _hue_tables()  # built once here, shared by forked loader workers
-
-    def sample(self, img):
-        """One crop's parameters, drawn in the original's order (see pretrain_augmentation)."""
-        box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
-        c = self.color
-        jitter, sigma = None, None
-        if self.aug_plus:
-            if not 0.8 < torch.rand(1):  # RandomApply's test
-                jitter = c.get_params(c.brightness, c.contrast, c.saturation, c.hue)
-            gray = bool(torch.rand(1) < 0.2)
-            if not 0.5 < torch.rand(1):
-                sigma = torch.empty(1).uniform_(0.1, 2.0).item()
-        else:
-            gray = bool(torch.rand(1) < 0.2)
-            jitter = c.get_params(c.brightness, c.contrast, c.saturation, c.hue)
-        flip = bool(torch.rand(1) < 0.5)
-        return CropParams(box, jitter, gray, sigma, flip)
-
-    def __call__(self, img):
-        params = [self.sample(img), self.sample(img)]
-        return self.apply(img, params)
-
-    def apply(self, img, params):
-        """The crops of `img` (PIL) for the given parameters: [3, size, size] floats."""
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        x = _pil_to_tensor(img).permute(2, 0, 1)[None]  # 1 x 3 x H x W, channels last
-        out = torch.empty(len(params), 3, self.size, self.size)
-        for k, p in enumerate(params):
-            crop = self._colour(self._resized_crop(x, p.box), p)
-            if p.flip:
-                crop = crop.flip(1)
-            out[k].copy_(crop.permute(2, 0, 1))
-        # the same float operations as ToTensor and Normalize, for both crops at once
-        out.div_(255).sub_(self.mean).div_(self.std)
-        crops = list(out)
-        for k, p in enumerate(params):
-            if p.sigma is not None:
-                crops[k] = box_blur(crops[k], p.sigma)
-        return crops
-
-    def _resized_crop(self, x, box):
-        top, left, height, width = box
-        region = x[:, :, top : top + height, left : left + width]
-        size = (self.size, self.size)
-        y = torch.nn.functional.interpolate(
-            region, size=size, mode="bilinear", align_corners=False, antialias=True
+def normalization(name):
+    """(mean, std) of a named normalisation."""
+    if name not in NORMALIZATIONS:
+        raise UsageError(
+            f"unknown normalisation {name!r}; use one of {tuple(NORMALIZATIONS)}"
         )
-        return y[0].permute(1, 2, 0)  # H x W x 3 uint8
-
-    def _colour(self, crop, p):
-        """Jitter and grayscale in the recipe's order; returns H x W x 3 uint8."""
-        if not self.aug_plus and p.gray:
-            crop = _grayscale(crop)
-        if p.jitter is not None:
-            order, brightness, contrast, saturation, hue = p.jitter
-            for i in order.tolist():
-                if i == 0:
-                    crop = _to_pil(crop).point(_blend_lut(0, brightness))
-                elif i == 1:
-                    crop = _to_pil(crop)
-                    mean = ImageStat.Stat(crop.convert("L")).mean[0]  # as ImageEnhance
-                    crop = crop.point(_blend_lut(int(mean + 0.5), contrast))
-                elif i == 2:
-                    crop = ImageEnhance.Color(_to_pil(crop)).enhance(saturation)
-                else:
-                    crop = adjust_hue(_to_tensor(crop), hue)
-        if self.aug_plus and p.gray:
-            crop = _grayscale(crop)
-        return _to_tensor(crop)
-
-
-def _pil_to_tensor(img):
-    """H x W x 3 uint8 tensor sharing the array that numpy makes of `img`."""
-    with warnings.catch_warnings():
-        # the array is read-only; nothing here writes into it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(img))
-
-
-def _to_tensor(crop):
-    return _pil_to_tensor(crop) if isinstance(crop, Image.Image) else crop
-
-
-def _to_pil(crop):
-    if isinstance(crop, Image.Image):
-        return crop
-    return Image.fromarray(
-        crop.contiguous().numpy()
-    )  # torch's strided copy is the fast one
-
-
-def _blend_lut(base, factor):
-    """
-    Image.blend(a constant image `base`, image, factor) as a lookup table (Blend.c's
-    float arithmetic), which is what ImageEnhance.Brightness (base 0) and Contrast (base
-    the rounded mean grey) do, in one pass.
-    """
-    x = np.arange(256, dtype=np.float32)
-    out = np.float32(base) + np.float32(factor) * (x - np.float32(base))
-    return np.clip(out, 0, 255).astype(np.uint8).tolist() * 3
-
-
-def _grayscale(crop):
-    # torchvision's rgb_to_grayscale for PIL with three output channels
-    return _to_pil(crop).convert("L").convert("RGB")
-
-
-# --- hue: PIL's HSV round trip through tables -------------------------------------------
-
-
-def _round_half_away(x):
-    r = x.floor()
-    return r + (x - r >= 0.5)
-
-
-def _hsv_hue(r, g, b):
-    """PIL's RGB -> HSV hue byte (Convert.c, rgb2hsv_row), with its float/double steps."""
-    v = torch.maximum(torch.maximum(r, g), b)
-    m = torch.minimum(torch.minimum(r, g), b)
-    cr = (v - m).float().clamp(min=1)  # a grey pixel gets hue 0 either way
-    rc, gc, bc = ((v - c).float() / cr for c in (r, g, b))
-    h = torch.where(
-        r == v,
-        (bc - gc).double(),
-        torch.where(
-            g == v, 2.0 + rc.double() - bc.double(), 4.0 + gc.double() - rc.double()
-        ),
-    ).float()
-    h = h.double() / 6.0 + 1.0
-    h = torch.where(h >= 1.0, h - 1.0, h).float()  # fmod(h, 1.0)
-    return (h.double() * 255.0).to(torch.int32)
-
-
-@functools.cache
-def _hue_tables():
-    """
-    Hue and chroma depend only on (g - r, b - r), saturation on (chroma, value); after the
-    shift, HSV -> RGB (Convert.c, hsv2rgb) gives value, p = f(s, v) and, by sector, q or
-    t = round(v * w(h, s)). Tables of those, computed with PIL's arithmetic.
-    """
-    d = torch.arange(-255, 256, dtype=torch.int32)
-    dg, db = torch.meshgrid(d, d, indexing="ij")
-    hi = dg.clamp(min=0).maximum(db)
-    lo = dg.clamp(max=0).minimum(db)
-    r = 255 - hi  # the colour with these differences and value 255, where one exists
-    hue = _hsv_hue(r, r + dg, r + db).clamp(0, 255)
-    chroma = (hi - lo).clamp(max=255)
-    hue_chroma = (hue | chroma << 8).flatten()  # [(g - r + 255) * 511 + b - r + 255]
-
-    i = torch.arange(256, dtype=torch.int32)
-    cr, v = torch.meshgrid(i, i, indexing="ij")
-    s = (
-        (cr.float() / v.float().clamp(min=1))
-        .double()
-        .mul(255.0)
-        .to(torch.int32)
-        .clamp(max=255)
-    )
-    fs = (i.float().double() / 255.0).float()  # [s]
-    p = _round_half_away(v.double() * (1.0 - fs.double()[s])).to(torch.int32)
-    sat_p = (s | p << 8).flatten()  # [chroma * 256 + v]
-
-    x = i.float().double() * 6.0 / 255.0
-    sector = x.floor()
-    f = (x - sector).float()[:, None]  # [h, 1]
-    w_q = 1.0 - (fs[None, :] * f).double()
-    w_t = 1.0 - fs.double()[None, :] * (1.0 - f.double())
-    sector = sector.to(torch.int64) % 6
-    w = torch.where(sector[:, None] % 2 == 1, w_q, w_t).flatten()  # [h * 256 + s]
-    # bit offset in (r | g << 8 | b << 16) of v, p and (q or t), by sector
-    order = torch.tensor(
-        [[0, 2, 1], [1, 2, 0], [1, 0, 2], [2, 0, 1], [2, 1, 0], [0, 1, 2]]
-    )
-    offsets = (order * 8).to(torch.int32)[sector].t().contiguous()  # [3, h]
-    return hue_chroma, sat_p, w, offsets
-
-
-def adjust_hue(img, hue_factor):
-    """
-    torchvision's adjust_hue for PIL images (RGB -> HSV, shift the hue byte, -> RGB),
-    bit for bit, on an H x W x 3 uint8 tensor.
-    """
-    hue_chroma, sat_p, w, (at_v, at_p, at_third) = _hue_tables()
-    shift = int(np.int32(hue_factor * 255).astype(np.uint8))  # as torchvision
-    n = img.numel() // 3
-    r, g, b = img.permute(2, 0, 1).reshape(3, n).to(torch.int32)
-    v = torch.maximum(torch.maximum(r, g), b)
-    key = torch.add(b, g, alpha=511).sub_(r, alpha=512).add_(255 * 512)  # g - r, b - r
-    hc = hue_chroma.index_select(0, key)  # hue | chroma << 8
-    sp = sat_p.index_select(0, (hc & 0xFF00).add_(v))  # saturation | p << 8
-    h = hc.bitwise_and_(255).add_(shift).bitwise_and_(255)
-    third = w.index_select(0, (sp & 255).add_(h, alpha=256)).mul_(v)
-    # round half away from zero; no v * w lies on .5 (all 2**24 checked)
-    third = third.add_(0.5).to(torch.int32)
-    rgb = v.bitwise_left_shift_(at_v.index_select(0, h))
-    rgb.bitwise_or_(
-        sp.bitwise_right_shift_(8).bitwise_left_shift_(at_p.index_select(0, h))
-    )
-    rgb.bitwise_or_(third.bitwise_left_shift_(at_third.index_select(0, h)))
-    # r | g << 8 | b << 16 read as bytes, little-endian as every platform torch runs on
-    return rgb.view(torch.uint8).view(n, 4)[:, :3].reshape(img.shape)
-
-
-# --- blur: PIL's box passes without rounding in between ---------------------------------
-
-
-def _box_blur_radius(sigma, passes=_BLUR_PASSES):
-    """PIL's box radius for a Gaussian sigma (BoxBlur.c, _gaussian_blur_radius), float32."""
-    f = np.float32
-    s2 = f(f(sigma) * f(sigma) / f(passes))
-    length = f(np.sqrt(12.0 * np.float64(s2) + 1.0))
-    whole = f(np.floor((np.float64(length) - 1.0) / 2.0))
-    a = f((f(2) * whole + f(1)) * (whole * (whole + f(1)) - f(3) * s2))
-    a = f(a / (f(6) * (s2 - (whole + f(1)) * (whole + f(1)))))
-    return f(whole + a)
-
-
-def _box_weights(radius):
-    """PIL's extended box: 2r+1 taps of weight ww and two outer taps of weight fw (/2**24)."""
-    r = int(radius)
-    ww = int(np.float32(1 << 24) / (radius * np.float32(2) + np.float32(1)))
-    fw = ((1 << 24) - (2 * r + 1) * ww) // 2
-    return r, ww / 2**24, fw / 2**24
-
-
-def box_blur(x, sigma, passes=_BLUR_PASSES):
-    """
-    PIL's GaussianBlur(radius=sigma) on a float [..., H, W] tensor: `passes` extended box
-    blurs along the width, then along the height, edges extended, no rounding between.
-    """
-    r, ww, fw = _box_weights(_box_blur_radius(sigma, passes))
-    for dim in (-1, -2):
-        n = x.shape[dim]
-        for _ in range(passes):
-            xp = torch.cat(
-                [x.narrow(dim, 0, 1)] * (r + 1)
-                + [x]
-                + [x.narrow(dim, n - 1, 1)] * (r + 1),
-                dim,
-            )
-            acc = xp.narrow(dim, 1, n).clone()
-            for k in range(2, 2 * r + 2):
-                acc += xp.narrow(dim, k, n)
-            acc.mul_(ww).add_(
-                xp.narrow(dim, 0, n) + xp.narrow(dim, 2 * r + 2, n), alpha=fw
-            )
-            x = acc
-    return x
+    return NORMALIZATIONS[name]

@@ -1,17 +1,36 @@
-"""Helpers shared by the scripts: errors, meters, accuracy, schedules, logging."""
+"""Helpers shared by the scripts: errors, seeding, logging, learning-rate schedules."""
 
-import json
 import logging
 import math
+import random
 import sys
 
+import numpy as np
 import torch
+import torch.backends.cudnn as cudnn
 
 logger = logging.getLogger("moco")
 
 
 class UsageError(Exception):
     """A problem the user can fix (argument, data, file): reported as one line, exit 2."""
+
+
+class NonFiniteLossError(Exception):
+    """The loss became NaN or infinite: training stopped before the update, exit 2."""
+
+
+def seed_everything(seed):
+    """
+    Seed Python, NumPy and torch when `seed` is given; convolution algorithms are then
+    deterministic, else the fastest (cudnn.benchmark).
+    """
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    cudnn.deterministic = seed is not None
+    cudnn.benchmark = seed is None
 
 
 def setup_logging(rank=0):
@@ -36,72 +55,6 @@ def one_line(error):
     return " ".join(text.split())
 
 
-def run_cli(main, parser):
-    """Parse arguments and run main(args); a UsageError ends as one line and exit 2."""
-    args = parser.parse_args()
-    try:
-        return main(args)
-    except UsageError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-
-
-class AverageMeter:
-    """Computes and stores the average and current value"""
-
-    def __init__(self, name, fmt=":f"):
-        self.name = name
-        self.fmt = fmt
-        self.reset()
-
-    def reset(self):
-        self.val = 0
-        self.avg = 0
-        self.sum = 0
-        self.count = 0
-
-    def update(self, val, n=1):
-        self.val = val
-        self.sum += val * n
-        self.count += n
-        self.avg = self.sum / self.count
-
-    def __str__(self):
-        fmtstr = "{name} {val" + self.fmt + "} ({avg" + self.fmt + "})"
-        return fmtstr.format(**self.__dict__)
-
-
-class ProgressMeter:
-    def __init__(self, num_batches, meters, prefix=""):
-        num_digits = len(str(num_batches))
-        fmt = "{:" + str(num_digits) + "d}"
-        self.batch_fmtstr = "[" + fmt + "/" + fmt.format(num_batches) + "]"
-        self.meters = meters
-        self.prefix = prefix
-
-    def display(self, batch):
-        entries = [self.prefix + self.batch_fmtstr.format(batch)]
-        entries += [str(meter) for meter in self.meters]
-        logger.info("\t".join(entries))
-
-
-def accuracy(output, target, topk=(1,)):
-    """Top-k accuracies in percent (Python floats); k is capped at the number of classes."""
-    with torch.no_grad():
-        maxk = min(max(topk), output.shape[1])
-        batch_size = target.size(0)
-
-        _, pred = output.topk(maxk, 1, True, True)
-        pred = pred.t()
-        correct = pred.eq(target.view(1, -1).expand_as(pred))
-
-        res = []
-        for k in topk:
-            correct_k = correct[: min(k, maxk)].reshape(-1).float().sum()
-            res.append(correct_k.item() * 100.0 / batch_size)
-        return res
-
-
 def learning_rate(epoch, lr, epochs, schedule=(), cos=False):
     """
     The original's schedules, at a (possibly fractional) epoch: cosine from lr to 0
@@ -114,37 +67,9 @@ def learning_rate(epoch, lr, epochs, schedule=(), cos=False):
     return lr
 
 
-def adjust_learning_rate(optimizer, epoch, args):
+def adjust_learning_rate(optimizer, epoch, lr, epochs, schedule=(), cos=False):
     """Decay the learning rate based on schedule; returns the value set."""
-    lr = learning_rate(
-        epoch, args.lr, args.epochs, args.schedule, getattr(args, "cos", False)
-    )
+    lr = learning_rate(epoch, lr, epochs, schedule, cos)
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr
     return lr
-
-
-class JsonLogger:
-    """One JSON object per line in `path` (and TensorBoard scalars when installed)."""
-
-    def __init__(self, path, enabled=True, tensorboard_dir=None):
-        self.path = path if enabled else None
-        self.tb = None
-        if enabled and tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(tensorboard_dir)
-            except ImportError:  # tensorboard is optional
-                self.tb = None
-
-    def log(self, record, step=None):
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None and step is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
-            self.tb.flush()

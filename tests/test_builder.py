@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from bench.original import OriginalMoCo, original_copy, original_logits
 from moco.builder import MoCo
 from moco.models import SplitBatchNorm, build_encoder
 
@@ -29,31 +30,6 @@ def make_moco(seed=0, **kwargs):
 def images(n, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 16, 16, generator=g)
-
-
-def original_logits(q, k, queue, T):
-    """The original's logits: einsum products, positive first, divided by T."""
-    l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
-    l_neg = torch.einsum("nc,ck->nk", [q, queue])
-    return torch.cat([l_pos, l_neg], dim=1) / T
-
-
-def reference_step(model, im_q, im_k, perm):
-    """The original's step written out plainly, one process: returns logits, new queue."""
-    m = model.m
-    # momentum update, the original's formula
-    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
-        pk.data = pk.data * m + pq.data * (1.0 - m)
-    q = F.normalize(model.encoder_q(im_q), dim=1)
-    with torch.no_grad():
-        k = F.normalize(model.encoder_k(im_k[perm]), dim=1)[torch.argsort(perm)]
-    queue = model.queue.clone()
-    logits = original_logits(q, k, queue, model.T)
-    ptr = int(model.queue_ptr)
-    n = k.shape[0]
-    new_queue = queue.clone()
-    new_queue[:, ptr : ptr + n] = k.T
-    return logits, new_queue, (ptr + n) % model.K
 
 
 def test_construction_uses_the_rng_as_the_original():
@@ -92,14 +68,15 @@ def test_mlp_head_names_and_resnet50_key_count():
 
 def test_one_step_equals_the_original_formulas():
     model = make_moco()
-    ref = copy.deepcopy(model)
+    ref = original_copy(model)
     im_q, im_k = images(8, 1), images(8, 2)
 
+    # the same draw in both shuffles
     torch.manual_seed(123)
     logits, labels = model(im_q, im_k)
     torch.manual_seed(123)
-    perm = torch.randperm(8)  # the same draw the original makes in its shuffle
-    ref_logits, ref_queue, ref_ptr = reference_step(ref, im_q, im_k, perm)
+    ref_logits, _ = ref(im_q, im_k)
+    ref_queue, ref_ptr = ref.queue, int(ref.queue_ptr)
 
     assert logits.shape == (8, 1 + K)
     assert labels.dtype == torch.long and torch.equal(
@@ -135,12 +112,10 @@ def test_momentum_update_is_the_original_formula_bit_for_bit():
     with torch.no_grad():
         for p in model.encoder_q.parameters():
             p.add_(torch.randn_like(p))
-    expected = [
-        pk * model.m + pq * (1.0 - model.m)
-        for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters())
-    ]
+    ref = original_copy(model)
+    ref._momentum_update_key_encoder()
     model._momentum_update_key_encoder()
-    for p, e in zip(model.encoder_k.parameters(), expected):
+    for p, e in zip(model.encoder_k.parameters(), ref.encoder_k.parameters()):
         assert torch.equal(p, e)
 
 
@@ -206,8 +181,7 @@ def test_symmetric_loss_uses_both_directions_and_enqueues_both_keys():
 
     torch.manual_seed(5)
     perm_12, perm_21 = torch.randperm(4), torch.randperm(4)
-    for pq, pk in zip(ref.encoder_q.parameters(), ref.encoder_k.parameters()):
-        pk.data = pk.data * ref.m + pq.data * (1.0 - ref.m)
+    OriginalMoCo._momentum_update_key_encoder(ref)
 
     def direction(a, b, perm):
         q = F.normalize(ref.encoder_q(a), dim=1)

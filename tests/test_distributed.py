@@ -9,7 +9,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import free_port
-from test_builder import images, make_moco, original_logits
+from test_builder import images, make_moco
+
+from bench.original import OriginalMoCo, original_logits
 
 N = 4  # per process
 WORLD = 2
@@ -76,9 +78,7 @@ def reference(n=N, world=WORLD):
     torch.set_num_threads(1)
     model = make_moco(seed=0)
     im_q, im_k = images(n * world, 1), images(n * world, 2)
-    m = model.m
-    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
-        pk.data = pk.data * m + pq.data * (1.0 - m)
+    OriginalMoCo._momentum_update_key_encoder(model)
     torch.manual_seed(123)
     perm = torch.randperm(n * world)
 

@@ -1,9 +1,9 @@
-"""The fast training step computes exactly what the straightforward one computes.
+"""The fast training step computes exactly what the original's formulas compute.
 
 The builder updates the key encoder in place, enqueues without reading the pointer
-on the host and shuffles with all_to_all; the reference below does the same steps
-the straightforward way (new tensors every step, every image gathered to every
-process, the keys gathered again for the queue, a slice enqueue).
+on the host and shuffles with all_to_all; bench/original.py does the same steps the
+original's way (new tensors every step, every image gathered to every process, the
+keys gathered again for the queue, a slice enqueue).
 """
 
 import copy
@@ -20,60 +20,30 @@ import torch.nn.functional as F
 from conftest import REPO, free_port, load, moco_args, run_moco
 from test_builder import images, make_moco
 
-from moco.builder import MoCo, _world_size_and_rank, concat_all_gather
+from bench.original import OriginalMoCo, original_copy
+from main_moco import train_step
+from moco.builder import MoCo
 from moco.utils import UsageError
 
 
-class Straightforward(MoCo):
-    """The same model with the straightforward formulas in the parts the builder speeds up."""
-
-    @torch.no_grad()
-    def _momentum_update_key_encoder(self):
-        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            pk.data = pk.data * self.m + pq.data * (1.0 - self.m)
-
-    @torch.no_grad()
-    def _batch_shuffle(self, x):
-        world_size, rank = _world_size_and_rank()
-        x_all = concat_all_gather(x)  # every image to every process
-        idx_shuffle = torch.randperm(x_all.shape[0])
-        if world_size > 1:
-            dist.broadcast(idx_shuffle, src=0)
-        return x_all[idx_shuffle.view(world_size, -1)[rank]], torch.argsort(idx_shuffle)
-
-    @torch.no_grad()
-    def _batch_unshuffle(self, x, idx_unshuffle):
-        world_size, rank = _world_size_and_rank()
-        mine = concat_all_gather(x)[idx_unshuffle.view(world_size, -1)[rank]]
-        return mine, concat_all_gather(mine)
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, keys):
-        ptr, n = int(self.queue_ptr), keys.shape[0]
-        assert self.K % n == 0
-        self.queue[:, ptr : ptr + n] = keys.T
-        self.queue_ptr[0] = (ptr + n) % self.K
-
-
-def straightforward_copy(model):
-    ref = copy.deepcopy(model)
-    ref.__class__ = Straightforward
-    return ref
-
-
 def train_steps(model, steps, n, seed, ddp=None):
-    """SGD steps as main_moco.train takes them; returns the logits of each step."""
+    """SGD steps through main_moco.train_step; returns the logits of each step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     out = []
     for i in range(steps):
-        torch.manual_seed(seed + i)  # the shuffle's draw
-        logits, labels = (ddp or model)(
-            images(n, 2 * i + seed), images(n, 2 * i + seed + 1)
+        # the shuffle's draw
+        torch.manual_seed(seed + i)
+        logits, _, _, _ = train_step(
+            ddp or model,
+            nn.CrossEntropyLoss(),
+            opt,
+            images(n, 2 * i + seed),
+            images(n, 2 * i + seed + 1),
+            scaler=scaler,
+            autocast=torch.autocast("cpu", enabled=False),
+            symmetric=model.symmetric,
         )
-        loss = F.cross_entropy(logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
         out.append(logits.detach())
     return out
 
@@ -88,7 +58,7 @@ def assert_same_model(a, b):
 def test_momentum_update_is_in_place_and_bit_identical_over_steps():
     for m in (0.99, 0.999):
         model = make_moco(m=m)
-        ref = straightforward_copy(model)
+        ref = original_copy(model)
         storage = [p.data_ptr() for p in model.encoder_k.parameters()]
         for step in range(3):
             for mod in (model, ref):
@@ -105,10 +75,10 @@ def test_momentum_update_is_in_place_and_bit_identical_over_steps():
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_training_steps_are_bit_identical_to_the_straightforward_ones(symmetric):
+def test_training_steps_are_bit_identical_to_the_original_formulas(symmetric):
     # K 32, 8 keys a step (16 symmetric): the queue wraps around within the run
     model = make_moco(symmetric=symmetric)
-    ref = straightforward_copy(model)
+    ref = original_copy(model)
     for a, b in zip(train_steps(model, 5, 4, seed=10), train_steps(ref, 5, 4, seed=10)):
         assert torch.equal(a, b)
     assert_same_model(model, ref)
@@ -148,11 +118,13 @@ def _two_process_worker(rank, port):
             state = torch.get_rng_state()
             fast, idx_fast = model._batch_shuffle(x)
             torch.set_rng_state(state)
-            ref, idx_ref = Straightforward._batch_shuffle(model, x)
+            ref, idx_ref = OriginalMoCo._batch_shuffle(model, x)
             assert torch.equal(fast, ref) and torch.equal(idx_fast, idx_ref)
             keys = torch.randn(N, 8)
-            for a, b in zip(model._batch_unshuffle(keys, idx_fast),
-                            Straightforward._batch_unshuffle(model, keys, idx_ref)):  # fmt: skip
+            for a, b in zip(
+                model._batch_unshuffle(keys, idx_fast),
+                OriginalMoCo._batch_unshuffle(model, keys, idx_ref),
+            ):
                 assert torch.equal(a, b)
         # each process received only its own batch of images, not the global batch
         assert sent_images[0::2] == [("all_to_all", N)] * 3
@@ -160,7 +132,7 @@ def _two_process_worker(rank, port):
 
         # whole training steps with DDP as main_moco builds it: the same numbers
         model = make_moco(seed=0)
-        ref = straightforward_copy(model)
+        ref = original_copy(model)
         ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
         ddp_ref = nn.parallel.DistributedDataParallel(ref, forward_sync_buffers=False)
         seed = 20 + rank  # each process its own images and its own draws
@@ -269,12 +241,41 @@ def test_benchmark_prints_the_step_the_floor_and_the_parts(capsys):
         import step
     finally:
         sys.path.pop(0)
-    argv = ["-a", "resnet18", "--small-stem", "--input-size", "16", "-b", "4", "--moco-k", "16",
-            "--moco-dim", "8", "--mlp", "--original", "--steps", "1", "--warmup", "0",
-            "--part-reps", "1", "--threads", "1"]  # fmt: skip
+    argv = [
+        "-a",
+        "resnet18",
+        "--small-stem",
+        "--input-size",
+        "16",
+        "-b",
+        "4",
+        "--moco-k",
+        "16",
+        "--moco-dim",
+        "8",
+        "--mlp",
+        "--original",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--part-reps",
+        "1",
+        "--threads",
+        "1",
+    ]
     step.main(step.get_args_parser().parse_args(argv))
     out = capsys.readouterr().out
-    for line in ("(a) step", "(b) floor", "(o) original", "ratio (a)/(b) =", "momentum update",
-                 "shuffle (images)", "logits + CE", "queue.clone()", "enqueue",
-                 "ratio from the parts"):  # fmt: skip
+    for line in (
+        "(a) step",
+        "(b) floor",
+        "(o) original",
+        "ratio (a)/(b) =",
+        "momentum update",
+        "shuffle (images)",
+        "logits + CE",
+        "queue.clone()",
+        "enqueue",
+        "ratio from the parts",
+    ):
         assert line in out, line

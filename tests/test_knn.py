@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import free_port, make_image_folder
 from torch.utils.data import DataLoader, TensorDataset
 
+import main_knn
 import main_moco
 from moco import knn
 from moco.models import build_encoder
@@ -138,7 +139,7 @@ def test_check_knn_data_refuses_missing_or_different_val(tmp_path):
 
 
 def knn_args(data, *extra):
-    return knn.get_args_parser().parse_args(
+    return main_knn.get_args_parser().parse_args(
         [
             "-a",
             "resnet18",
@@ -161,9 +162,9 @@ def test_one_and_two_processes_give_the_same_knn_accuracy(tmp_path, capfd, monke
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2 processes on 2 cores
     # 3 x 3 images: shares of 4 and 5, which padding to equal shares would break
     data = make_image_folder(tmp_path / "d", classes=3, per_class=3, size=16)
-    one = knn.main(knn_args(data, "--seed", "5"))
+    one = main_knn.main(knn_args(data, "--seed", "5"))
     capfd.readouterr()
-    knn.main(
+    main_knn.main(
         knn_args(
             data,
             "--seed",
@@ -221,8 +222,8 @@ def test_knn_monitor_in_pretraining_equals_knn_of_the_checkpoint(tmp_path, capsy
     assert len(monitor) == 1 and 0 <= monitor[0] <= 100
 
     # the same encoder read back from the epoch's checkpoint, through the command line
-    acc = knn.main(
-        knn.get_args_parser().parse_args(
+    acc = main_knn.main(
+        main_knn.get_args_parser().parse_args(
             [
                 "-a",
                 "resnet18",
@@ -249,4 +250,4 @@ def test_knn_command_refuses_a_wrong_checkpoint_before_reading_data(tmp_path):
     path = tmp_path / "r34.pth"
     torch.save(build_encoder("resnet34").state_dict(), path)
     with pytest.raises(UsageError, match="does not hold a resnet18 backbone"):
-        knn.main(knn_args(str(tmp_path / "no-data"), "--pretrained", str(path)))
+        main_knn.main(knn_args(str(tmp_path / "no-data"), "--pretrained", str(path)))

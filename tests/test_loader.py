@@ -8,18 +8,20 @@ import math
 import numpy as np
 import pytest
 import torch
+import torchvision
 import torchvision.transforms.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageStat
 
+import moco.fast_augment
 import moco.loader
 from moco.data import SeededImageFolder
+from moco.fast_augment import CropParams, FastTwoCrops, adjust_hue, box_blur
 from moco.loader import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    CropParams,
-    FastTwoCrops,
-    adjust_hue,
-    box_blur,
+    RECIPES,
     pretrain_transform,
 )
 from moco.utils import UsageError
@@ -38,10 +40,14 @@ def photo(width, height, seed=0):
     return Image.fromarray(np.ascontiguousarray(img))
 
 
-def reference_crop(img, p, size, aug_plus):
+def fast(recipe, size):
+    return FastTwoCrops(recipe, size, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def reference_crop(img, p, size, recipe):
     """The original's operations (torchvision functional on PIL) for given parameters."""
     img = F.resized_crop(img, *p.box, [size, size])
-    if not aug_plus and p.gray:
+    if recipe == "v1" and p.gray:
         img = F.rgb_to_grayscale(img, 3)
     if p.jitter is not None:
         order, b, c, s, h = p.jitter
@@ -53,7 +59,7 @@ def reference_crop(img, p, size, aug_plus):
         ]
         for i in order.tolist():
             img = adjust[i](img, [b, c, s, h][i])
-    if aug_plus and p.gray:
+    if recipe != "v1" and p.gray:
         img = F.rgb_to_grayscale(img, 3)
     if p.sigma is not None:
         img = img.filter(ImageFilter.GaussianBlur(radius=p.sigma))
@@ -65,7 +71,7 @@ def reference_crop(img, p, size, aug_plus):
 # --- the same draws --------------------------------------------------------------------
 
 
-def record_original(monkeypatch, aug_plus, seeds, img, size=8):
+def record_original(monkeypatch, recipe, seeds, img, size=8):
     """Run the original two-crop transform per seed, recording each operation it applies."""
     events = []
 
@@ -92,7 +98,7 @@ def record_original(monkeypatch, aug_plus, seeds, img, size=8):
         "GaussianBlur",
         recorder("blur", blur, lambda a, k: k["radius"]),
     )
-    original = pretrain_transform(aug_plus, size, impl="original")
+    original = pretrain_transform(recipe, size, impl="original")
     for seed in seeds:
         events.append([])
         torch.manual_seed(seed)
@@ -101,43 +107,45 @@ def record_original(monkeypatch, aug_plus, seeds, img, size=8):
     return events
 
 
-def events_of(params, aug_plus):
+def events_of(params, recipe):
     """The operations the original would record for FastTwoCrops' parameters."""
     out = []
     names = ["adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue"]
     for p in params:
         out.append(("resized_crop", p.box))
-        if not aug_plus and p.gray:
+        if recipe == "cifar10" and p.flip:
+            out.append(("hflip", None))
+        if recipe == "v1" and p.gray:
             out.append(("rgb_to_grayscale", None))
         if p.jitter is not None:
             order, *factors = p.jitter
             out += [(names[i], factors[i]) for i in order.tolist()]
-        if aug_plus and p.gray:
+        if recipe != "v1" and p.gray:
             out.append(("rgb_to_grayscale", None))
         if p.sigma is not None:
             out.append(("blur", p.sigma))
-        if p.flip:
+        if recipe != "cifar10" and p.flip:
             out.append(("hflip", None))
     return out
 
 
-def sample_fast(aug_plus, seeds, img, size=8):
-    fast = FastTwoCrops(aug_plus, size)
+def sample_fast(recipe, seeds, img, size=8):
+    crops = fast(recipe, size)
     params = []
     for seed in seeds:
         torch.manual_seed(seed)
-        params.append([fast.sample(img), fast.sample(img)])
+        params.append([crops.sample(img), crops.sample(img)])
     return params
 
 
-@pytest.mark.parametrize("aug_plus", [False, True])
-def test_fast_path_draws_the_original_parameters_for_each_seed(monkeypatch, aug_plus):
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fast_path_draws_the_original_parameters_for_each_seed(monkeypatch, recipe):
     img = Image.new("RGB", (500, 375))
     seeds = range(300)
-    original = record_original(monkeypatch, aug_plus, seeds, img)
-    fast = sample_fast(aug_plus, seeds, img)
-    for seed, ops, params in zip(seeds, original, fast):
-        assert events_of(params, aug_plus) == ops, f"seed {seed}"
+    original = record_original(monkeypatch, recipe, seeds, img)
+    params = sample_fast(recipe, seeds, img)
+    for seed, ops, pair in zip(seeds, original, params):
+        assert events_of(pair, recipe) == ops, f"seed {seed}"
 
 
 # --- the same distributions ------------------------------------------------------------
@@ -192,36 +200,45 @@ def crop_statistics(ops, width=500, height=375):
     return {k: np.array(v, dtype=float) for k, v in s.items()}
 
 
-@pytest.mark.parametrize("aug_plus", [False, True])
-def test_fast_path_distributions_match_the_original_and_the_recipe(
-    monkeypatch, aug_plus
-):
+# the published recipes: smallest crop area, jitter and blur rates, hue range
+PUBLISHED = {
+    "v1": dict(area=0.2, jitter=1.0, blur=0.0, hue=0.4),
+    "v2": dict(area=0.2, jitter=0.8, blur=0.5, hue=0.1),
+    "cifar10": dict(area=0.08, jitter=0.8, blur=0.0, hue=0.1),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fast_path_distributions_match_the_original_and_the_recipe(monkeypatch, recipe):
     img = Image.new("RGB", (500, 375))
     n = 1000  # calls, two crops each
-    original = crop_statistics(record_original(monkeypatch, aug_plus, range(n), img))
+    original = crop_statistics(record_original(monkeypatch, recipe, range(n), img))
     # other seeds: the samples are independent of the original's
-    params = sample_fast(aug_plus, range(10**6, 10**6 + n), img)
-    fast = crop_statistics([events_of(p, aug_plus) for p in params])
+    params = sample_fast(recipe, range(10**6, 10**6 + n), img)
+    fast = crop_statistics([events_of(p, recipe) for p in params])
+    published = PUBLISHED[recipe]
 
     for k in ["area", "log_ratio", "top", "sigma", "brightness", "contrast", "hue"]:
         a, b = fast[k], original[k]
         if len(a) == len(b) == 0:  # no blur in v1
             continue
         assert ks_distance(a, b) < ks_critical(len(a), len(b)), k
-    rates = {"flip": 0.5, "gray": 0.2, "jitter": 0.8 if aug_plus else 1, "blur": 0}
-    if aug_plus:
-        rates["blur"] = 0.5
+    rates = {"flip": 0.5, "gray": 0.2, "jitter": published["jitter"]}
+    rates["blur"] = published["blur"]
     for k, p in rates.items():
         tol = 4.5 * math.sqrt(p * (1 - p) / (2 * n)) + 1e-9
         assert abs(fast[k].mean() - p) <= tol, k
         assert abs(original[k].mean() - p) <= tol, k
-    # the recipe itself: area in [0.2, 1] but for the rare fallback, ratio in [3/4, 4/3]
-    assert (fast["area"] >= 0.2 - 0.01).mean() > 0.99 and fast["area"].max() <= 1
+    # the recipe itself: area in [lowest, 1] but for the rare fallback, ratio in
+    # [3/4, 4/3], and crops down to the lowest area drawn
+    lowest = published["area"]
+    assert (fast["area"] >= lowest - 0.01).mean() > 0.99 and fast["area"].max() <= 1
+    assert fast["area"].min() < lowest + 0.02
     assert np.abs(fast["log_ratio"]).max() <= math.log(4 / 3) + 0.02
     for k, (lo, hi) in {
         "brightness": (0.6, 1.4),
         "saturation": (0.6, 1.4),
-        "hue": (-0.1, 0.1) if aug_plus else (-0.4, 0.4),
+        "hue": (-published["hue"], published["hue"]),
         "sigma": (0.1, 2.0),
     }.items():
         if len(fast[k]):
@@ -231,7 +248,7 @@ def test_fast_path_distributions_match_the_original_and_the_recipe(
 def test_the_distribution_check_detects_a_different_crop_scale():
     img = Image.new("RGB", (500, 375))
     torch.manual_seed(0)
-    get = FastTwoCrops(True, 8).crop.get_params
+    get = fast("v2", 8).crop.get_params
     ours = [np.prod(get(img, (0.2, 1.0), (3 / 4, 4 / 3))[2:]) for _ in range(2000)]
     wider = [np.prod(get(img, (0.08, 1.0), (3 / 4, 4 / 3))[2:]) for _ in range(2000)]
     assert ks_distance(ours, wider) > 2 * ks_critical(2000, 2000)
@@ -239,7 +256,7 @@ def test_the_distribution_check_detects_a_different_crop_scale():
 
 def test_jitter_order_covers_all_24_permutations_evenly():
     img = Image.new("RGB", (64, 48))
-    params = sample_fast(False, range(1200), img)
+    params = sample_fast("v1", range(1200), img)
     orders = [tuple(p.jitter[0].tolist()) for pair in params for p in pair]
     counts = np.array([orders.count(o) for o in set(orders)])
     assert len(counts) == 24
@@ -280,13 +297,13 @@ def test_brightness_and_contrast_tables_are_pil_exact():
             ),
         ]:
             expected = enhance(img).enhance(factor)
-            actual = img.point(moco.loader._blend_lut(base, factor))
+            actual = img.point(moco.fast_augment._blend_lut(base, factor))
             assert actual.tobytes() == expected.tobytes(), (enhance, factor)
 
 
 def test_hue_rounding_never_meets_a_tie():
     # adjust_hue rounds v * w by truncating v * w + 0.5: exact unless v * w ends in .5
-    _, _, w, _ = moco.loader._hue_tables()
+    _, _, w, _ = moco.fast_augment._hue_tables()
     x = w[:, None] * torch.arange(256, dtype=torch.float64)
     assert not (x - x.floor() == 0.5).any()
 
@@ -300,7 +317,9 @@ def test_adjust_hue_accepts_a_strided_crop():
 
 def pil_blur_emulation(x, sigma):
     """PIL's fixed-point passes, rounding after each: uint8 [C, H, W] -> uint8."""
-    r, ww, fw = moco.loader._box_weights(moco.loader._box_blur_radius(sigma))
+    r, ww, fw = moco.fast_augment._box_weights(
+        moco.fast_augment._box_blur_radius(sigma)
+    )
     ww, fw = ww * 2**24, fw * 2**24
     x = x.double()
     for dim in (-1, -2):
@@ -332,40 +351,40 @@ def test_fast_crop_equals_the_original_bit_for_bit_when_no_resize_is_needed():
     # same size in and out: only the colour operations, flip and normalisation differ
     size = 48
     img = photo(size, size)
-    for aug_plus in [False, True]:
-        fast = FastTwoCrops(aug_plus, size)
+    for recipe in RECIPES:
+        crops = fast(recipe, size)
         torch.manual_seed(1)
         for _ in range(20):
-            p = fast.sample(img)
+            p = crops.sample(img)
             p.box, p.sigma = (0, 0, size, size), None
-            out = fast.apply(img, [p])[0]
-            assert torch.equal(out, reference_crop(img, p, size, aug_plus)), p
+            out = crops.apply(img, [p])[0]
+            assert torch.equal(out, reference_crop(img, p, size, recipe)), p
 
 
 def test_fast_resized_crop_is_within_one_level_of_pil():
     img = photo(160, 120)
-    fast = FastTwoCrops(True, 64)
+    crops = fast("v2", 64)
     torch.manual_seed(0)
     differing = []
     for _ in range(30):
         p = CropParams(
-            fast.crop.get_params(img, (0.2, 1.0), (3 / 4, 4 / 3)),
+            crops.crop.get_params(img, (0.2, 1.0), (3 / 4, 4 / 3)),
             None,
             False,
             None,
             False,
         )
-        diff = (fast.apply(img, [p])[0] - reference_crop(img, p, 64, True)).abs()
+        diff = (crops.apply(img, [p])[0] - reference_crop(img, p, 64, "v2")).abs()
         assert diff.max() <= LEVEL + 1e-5
         differing.append((diff > 1e-6).float().mean().item())
     assert np.mean(differing) < 0.12  # 2% on the benchmark photos, 7% here
 
 
-@pytest.mark.parametrize("aug_plus", [False, True])
-def test_fast_pipeline_stays_close_to_the_original_for_the_same_seed(aug_plus):
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fast_pipeline_stays_close_to_the_original_for_the_same_seed(recipe):
     img = photo(160, 120)
-    original = pretrain_transform(aug_plus, 64, impl="original")
-    fast = pretrain_transform(aug_plus, 64, impl="fast")
+    original = pretrain_transform(recipe, 64, impl="original")
+    fast = pretrain_transform(recipe, 64, impl="fast")
     for seed in range(10):
         torch.manual_seed(seed)
         a = original(img)
@@ -382,7 +401,7 @@ def test_fast_pipeline_stays_close_to_the_original_for_the_same_seed(aug_plus):
 
 def test_fast_transform_is_deterministic_in_a_seeded_dataset(image_folder):
     ds = SeededImageFolder(
-        f"{image_folder}/train", pretrain_transform(True, 32, "fast")
+        f"{image_folder}/train", pretrain_transform("v2", 32, "fast")
     )
     (q1, k1), _ = ds[(3, 12345)]
     (q2, k2), _ = ds[(3, 12345)]
@@ -393,7 +412,7 @@ def test_fast_transform_is_deterministic_in_a_seeded_dataset(image_folder):
 
 def test_unknown_implementation_is_a_usage_error():
     with pytest.raises(UsageError, match="unknown augmentation implementation 'quick'"):
-        pretrain_transform(True, 224, impl="quick")
+        pretrain_transform("v2", 224, impl="quick")
 
 
 def test_benchmark_prints_a_row_per_recipe_and_worker_count(image_folder, capsys):
@@ -407,3 +426,87 @@ def test_benchmark_prints_a_row_per_recipe_and_worker_count(image_folder, capsys
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [r[:2] for r in rows] == [["v1", "0"], ["v1", "1"], ["v2", "0"], ["v2", "1"]]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_unknown_recipe_or_normalisation_is_a_usage_error():
+    for impl in ("original", "fast"):
+        with pytest.raises(UsageError, match="unknown augmentation 'v3'"):
+            pretrain_transform("v3", 32, impl=impl)
+        with pytest.raises(UsageError, match="unknown normalisation 'mnist'"):
+            pretrain_transform("v2", 32, impl=impl, normalize="mnist")
+
+
+def written_out(recipe, size, mean, std):
+    """The published recipes, written out here as their papers and the demo list them."""
+    T = torchvision.transforms
+    jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)
+    ops = {
+        "v1": [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            T.RandomGrayscale(p=0.2),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            T.RandomHorizontalFlip(),
+        ],
+        "v2": [
+            T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            jitter,
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([moco.loader.GaussianBlur([0.1, 2.0])], p=0.5),
+            T.RandomHorizontalFlip(),
+        ],
+        "cifar10": [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(p=0.5),
+            jitter,
+            T.RandomGrayscale(p=0.2),
+        ],
+    }[recipe]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_original_recipes_are_the_published_transforms_pixel_for_pixel(recipe):
+    img = photo(48, 40)
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if recipe == "cifar10" else (None, None)
+    mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+    normalize = "cifar10" if recipe == "cifar10" else "imagenet"
+    ours = pretrain_transform(recipe, 32, impl="original", normalize=normalize)
+    reference = written_out(recipe, 32, mean, std)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        q, k = ours(img)
+        torch.manual_seed(seed)
+        assert torch.equal(q, reference(img)) and torch.equal(k, reference(img))
+
+
+def test_cifar_crops_of_32px_images_stay_within_one_level_of_pil():
+    # the demo's crops of 32-px images are mostly enlarged, not reduced
+    img = photo(32, 32)
+    crops = FastTwoCrops("cifar10", 32, CIFAR10_MEAN, CIFAR10_STD)
+    level = 1 / (255 * min(CIFAR10_STD))
+    torch.manual_seed(0)
+    for _ in range(50):
+        p = crops.sample(img)
+        p.jitter, p.gray, p.flip = None, False, False
+        out = crops.apply(img, [p])[0]
+        ref = F.resized_crop(img, *p.box, [32, 32])
+        ref = F.normalize(F.to_tensor(ref), CIFAR10_MEAN, CIFAR10_STD)
+        assert (out - ref).abs().max() <= level + 1e-5
+
+
+def test_fast_cifar_pipeline_uses_the_cifar_normalisation():
+    img = photo(32, 32)
+    original = pretrain_transform("cifar10", 32, "original", normalize="cifar10")
+    fast = pretrain_transform("cifar10", 32, "fast", normalize="cifar10")
+    imagenet = pretrain_transform("cifar10", 32, "fast", normalize="imagenet")
+    level = 1 / (255 * min(CIFAR10_STD))
+    for seed in range(10):
+        torch.manual_seed(seed)
+        a = original(img)
+        torch.manual_seed(seed)
+        b = fast(img)
+        torch.manual_seed(seed)
+        c = imagenet(img)
+        for x, y, z in zip(a, b, c):
+            assert (x - y).abs().mean() < level
+            assert (x - z).abs().mean() > 5 * level

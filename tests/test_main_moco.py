@@ -96,10 +96,29 @@ def test_log_has_one_json_object_per_line_with_the_promised_fields(
     assert kinds[0] == "args" and records[0]["moco_k"] == 64
     # -p 1, 3 steps an epoch: 3 step records, then the epoch's, then the monitor's
     assert kinds[1:] == (["step"] * 3 + ["epoch", "knn"]) * 2
-    step_fields = {"epoch", "step", "global_step", "loss", "acc1", "acc5", "lr",
-                   "images_per_s", "data_share", "epoch_eta_s"}  # fmt: skip
-    epoch_fields = {"epoch", "loss", "acc1", "acc5", "lr", "epoch_time_s",
-                    "images_per_s", "data_share", "eta_s"}  # fmt: skip
+    step_fields = {
+        "epoch",
+        "step",
+        "global_step",
+        "loss",
+        "acc1",
+        "acc5",
+        "lr",
+        "images_per_s",
+        "data_share",
+        "epoch_eta_s",
+    }
+    epoch_fields = {
+        "epoch",
+        "loss",
+        "acc1",
+        "acc5",
+        "lr",
+        "epoch_time_s",
+        "images_per_s",
+        "data_share",
+        "eta_s",
+    }
     fields = {"step": step_fields, "epoch": epoch_fields, "knn": {"epoch", "knn_acc1"}}
     for r in records[1:]:
         assert fields[r["kind"]] <= set(r), r

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moco import checkpoint as ckpt
-from moco import plot
 from moco.utils import UsageError
+from tools import plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -21,17 +21,35 @@ def write_log(
         lines.append({"kind": "args", "moco_k": moco_k})
     for epoch in range(epochs):
         for step in range(0, steps, print_freq):
-            lines.append({
-                "kind": "step", "epoch": epoch, "step": step,
-                "global_step": epoch * steps + step, "loss": 8.0 - epoch, "acc1": 10.0 * epoch,
-                "acc5": 20.0 * epoch, "lr": 0.03 * (1 - epoch / epochs), "images_per_s": 100.0,
-                "data_share": 0.1, "epoch_eta_s": 1.0,
-            })  # fmt: skip
-        lines.append({
-            "kind": "epoch", "epoch": epoch, "loss": 8.0 - epoch, "acc1": 10.0 * epoch,
-            "acc5": 20.0 * epoch, "lr": 0.03, "epoch_time_s": 1.0, "images_per_s": 100.0,
-            "data_share": 0.1, "eta_s": 1.0,
-        })  # fmt: skip
+            lines.append(
+                {
+                    "kind": "step",
+                    "epoch": epoch,
+                    "step": step,
+                    "global_step": epoch * steps + step,
+                    "loss": 8.0 - epoch,
+                    "acc1": 10.0 * epoch,
+                    "acc5": 20.0 * epoch,
+                    "lr": 0.03 * (1 - epoch / epochs),
+                    "images_per_s": 100.0,
+                    "data_share": 0.1,
+                    "epoch_eta_s": 1.0,
+                }
+            )
+        lines.append(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "loss": 8.0 - epoch,
+                "acc1": 10.0 * epoch,
+                "acc5": 20.0 * epoch,
+                "lr": 0.03,
+                "epoch_time_s": 1.0,
+                "images_per_s": 100.0,
+                "data_share": 0.1,
+                "eta_s": 1.0,
+            }
+        )
         lines.append({"kind": "knn", "epoch": epoch, "knn_acc1": 30.0 + epoch})
     text = "".join(json.dumps(r) + "\n" for r in lines)
     if partial_line:

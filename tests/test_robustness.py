@@ -22,7 +22,7 @@ from conftest import (
 
 import main_moco
 from moco import checkpoint as ckpt
-from moco.utils import UsageError
+from moco.utils import NonFiniteLossError, UsageError
 
 EPOCHS = 2  # 3 steps an epoch on the 24-image folder
 
@@ -205,7 +205,7 @@ def test_a_non_finite_loss_stops_before_any_bad_state_is_written(
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
-    with pytest.raises(UsageError, match=r"loss became nan at epoch 0 step 2"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 0 step 2"):
         run_moco(image_folder, tmp_path, "--save-freq", "1")
     state = load(tmp_path / ckpt.LAST_NAME)
     assert (state["epoch"], state["iter"]) == (0, 2)  # the last good step

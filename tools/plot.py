@@ -1,6 +1,6 @@
 """Training curves of a pretraining run as a PNG.
 
-    python -m moco.plot OUTPUT_DIR [--out FILE.png] [--moco-k K]
+    python -m tools.plot OUTPUT_DIR [--out FILE.png] [--moco-k K]
 
 reads OUTPUT_DIR/log.jsonl (written by main_moco.py) and draws the contrastive loss
 with its chance level ln(K + 1), the contrastive accuracy, the learning rate and the
@@ -14,7 +14,8 @@ import math
 import os
 
 from moco import checkpoint as ckpt
-from moco.utils import UsageError, logger, run_cli, setup_logging
+from moco.cli import run_cli
+from moco.utils import UsageError, logger, setup_logging
 
 
 def read_log(path):
@@ -114,13 +115,23 @@ def plot_log(output_dir, out=None, moco_k=None, references=None):
     ax_lr.set_title("learning rate")
 
     if knn:
-        ax_knn.plot([r["epoch"] + 1 for r in knn], [r["knn_acc1"] for r in knn], "o-",
-                    label="kNN acc@1 (val)")  # fmt: skip
+        ax_knn.plot(
+            [r["epoch"] + 1 for r in knn],
+            [r["knn_acc1"] for r in knn],
+            "o-",
+            label="kNN acc@1 (val)",
+        )
     for i, (label, value) in enumerate((references or {}).items()):
         ax_knn.axhline(value, ls="--", c=f"C{i + 1}", label=f"{label}: {value:.1f}")
     if not knn and not references:
-        ax_knn.text(0.5, 0.5, "no kNN records\n(main_moco.py --knn-freq N)",
-                    ha="center", va="center", transform=ax_knn.transAxes)  # fmt: skip
+        ax_knn.text(
+            0.5,
+            0.5,
+            "no kNN records\n(main_moco.py --knn-freq N)",
+            ha="center",
+            va="center",
+            transform=ax_knn.transAxes,
+        )
     ax_knn.set_title("kNN accuracy, %")
 
     for ax in axes.flat:
@@ -143,10 +154,19 @@ def get_args_parser():
     parser.add_argument(
         "output_dir", metavar="OUTPUT_DIR", help="the run's --output-dir"
     )
-    parser.add_argument("--out", default=None, metavar="FILE",
-                        help="PNG to write (default: OUTPUT_DIR/curves.png)")  # fmt: skip
-    parser.add_argument("--moco-k", default=None, type=int, metavar="K",
-                        help="queue size for the chance line (default: the run's)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="PNG to write (default: OUTPUT_DIR/curves.png)",
+    )
+    parser.add_argument(
+        "--moco-k",
+        default=None,
+        type=int,
+        metavar="K",
+        help="queue size for the chance line (default: the run's)",
+    )
     return parser
 
 

@@ -1,11 +1,11 @@
 """MoCo v2 learning on the CPU in minutes: pretrain, then evaluate against random init.
 
-    python -m moco.demo [--output-dir demo_output] [--epochs N] [--quick]
+    python -m tools.demo [--output-dir demo_output] [--epochs N] [--quick]
 
-1. writes a dataset of shapes (moco/shapes.py) to OUTPUT/data;
+1. writes a dataset of shapes (tools/shapes.py) to OUTPUT/data;
 2. pretrains a ResNet-18 with main_moco.py's main() (MoCo v2: --mlp --aug-plus --cos,
    small-image stem, 8-way split BatchNorm as 8 GPUs would), kNN monitor every 2 epochs;
-3. evaluates the pretrained encoder and a randomly initialised one with moco/knn.py
+3. evaluates the pretrained encoder and a randomly initialised one with main_knn.py
    and main_lincls.py (the linear probe on frozen features);
 4. prints the table and plots the run to OUTPUT/curves.png (needs matplotlib).
 
@@ -19,11 +19,14 @@ import shutil
 import sys
 import time
 
+import main_knn
 import main_lincls
 import main_moco
 from moco import checkpoint as ckpt
-from moco import knn, shapes
-from moco.utils import UsageError, logger, run_cli, setup_logging
+from moco.cli import run_cli
+from moco.utils import UsageError, logger, setup_logging
+from tools import shapes
+from tools.plot import plot_log
 
 MARKER = ".moco-demo"  # names a folder this demo made, and may empty again
 PARTS = ("data", "pretrain", "linear-random", "linear-moco", "curves.png")
@@ -102,15 +105,12 @@ def prepare_output_dir(path):
         elif os.path.exists(target):
             os.remove(target)
     with open(os.path.join(path, MARKER), "w") as f:
-        f.write("made by python -m moco.demo; emptied by its next run\n")
+        f.write("made by python -m tools.demo; emptied by its next run\n")
 
 
 def run_step(title, module, argv):
     """Run `module`.main on `argv` in this process, printing the command first."""
-    # a script at the top (main_moco.py) or a module of the package (python -m moco.knn)
-    name = module.__name__
-    command = f"-m {name}" if "." in name else f"{name}.py"
-    logger.info(f"\n=== {title}\n$ python {command} {' '.join(argv)}")
+    logger.info(f"\n=== {title}\n$ python {module.__name__}.py {' '.join(argv)}")
     return module.main(module.get_args_parser().parse_args(argv))
 
 
@@ -136,7 +136,7 @@ def run_demo(output_dir, config, seed=0, workers=0):
 
     results = {}
     results["random", "knn"] = run_step(
-        "kNN accuracy of a randomly initialised encoder", knn,
+        "kNN accuracy of a randomly initialised encoder", main_knn,
         [data, *common, "-b", "256"],
     )  # fmt: skip
     bn_splits = 8 if config["batch_size"] % 8 == 0 else 1
@@ -152,7 +152,7 @@ def run_demo(output_dir, config, seed=0, workers=0):
         pretrain, f"checkpoint_{config['epochs'] - 1:04d}.pth.tar"
     )
     results["moco", "knn"] = run_step(
-        "kNN accuracy of the MoCo encoder", knn,
+        "kNN accuracy of the MoCo encoder", main_knn,
         [data, *common, "-b", "256", "--pretrained", pretrained],
     )  # fmt: skip
     linear = [
@@ -189,8 +189,6 @@ def run_demo(output_dir, config, seed=0, workers=0):
 
 def save_plot(pretrain_dir, out, random_knn):
     """The run's curves, or None with a hint when matplotlib is missing."""
-    from moco.plot import plot_log
-
     try:
         return plot_log(pretrain_dir, out, references={"random init": random_knn})
     except UsageError as e:  # matplotlib is optional

@@ -1,6 +1,6 @@
 """A small offline image dataset for the demo: shapes labelled by their outline.
 
-    python -m moco.shapes OUT [--train-per-class N] [--val-per-class N] [--seed S]
+    python -m tools.shapes OUT [--train-per-class N] [--val-per-class N] [--seed S]
 
 writes OUT/train/<shape>/*.png and OUT/val/<shape>/*.png (the ImageFolder layout).
 Everything but the outline is drawn at random, independently of the label: the colours
@@ -67,8 +67,20 @@ def _heart(steps=48):
     return pts
 
 
-_CROSS = [(-1, -0.33), (-0.33, -0.33), (-0.33, -1), (0.33, -1), (0.33, -0.33), (1, -0.33),
-          (1, 0.33), (0.33, 0.33), (0.33, 1), (-0.33, 1), (-0.33, 0.33), (-1, 0.33)]  # fmt: skip
+_CROSS = [
+    (-1, -0.33),
+    (-0.33, -0.33),
+    (-0.33, -1),
+    (0.33, -1),
+    (0.33, -0.33),
+    (1, -0.33),
+    (1, 0.33),
+    (0.33, 0.33),
+    (0.33, 1),
+    (-0.33, 1),
+    (-0.33, 0.33),
+    (-1, 0.33),
+]
 _POLYGONS = {
     "square": _regular(4, math.pi / 4),
     "triangle": _regular(3, -math.pi / 2),
@@ -131,8 +143,9 @@ def image_rng(seed, split, class_index, index):
     return np.random.default_rng([seed, SPLITS.index(split), class_index, index])
 
 
-def make_shapes(root, train_per_class=500, val_per_class=100, size=32, seed=0,
-                classes=CLASSES):  # fmt: skip
+def make_shapes(
+    root, train_per_class=500, val_per_class=100, size=32, seed=0, classes=CLASSES
+):
     """Write root/{train,val}/<shape>/<index>.png; returns root."""
     for split, n in (("train", train_per_class), ("val", val_per_class)):
         for c, shape in enumerate(classes):
