@@ -21,6 +21,7 @@ import torch.nn as nn
 
 import moco.builder
 from moco import checkpoint as ckpt
+from moco.batch_augment import BatchAugment, ReadAndSample, collate
 from moco.cli import (
     add_data_arguments,
     add_image_arguments,
@@ -42,7 +43,7 @@ from moco.distributed import (
     shared_seed,
 )
 from moco.knn import KnnOptions, check_knn_data, knn_accuracy
-from moco.loader import AUG_IMPLS, RECIPES, pretrain_transform
+from moco.loader import AUG_IMPLS, RECIPES, normalization, pretrain_transform
 from moco.meters import AverageMeter, JsonLogger, ProgressMeter, record_step
 from moco.models import build_encoder, check_arch
 from moco.utils import (
@@ -136,8 +137,10 @@ def get_args_parser():
         default="fast",
         choices=AUG_IMPLS,
         help="augmentation code: 'fast' (the same recipe and random draws, faster "
-        "operations, pixels within a few grey levels) or 'original' "
-        "(torchvision/PIL, pixel for pixel as the original)",
+        "operations, pixels within a few grey levels), 'original' (torchvision/PIL, "
+        "pixel for pixel as the original) or 'batched' (loader workers only read the "
+        "files; JPEGs decoded and augmented in batches on the training device, the "
+        "same random draws: for GPUs that outrun the CPU workers)",
     )
     extra.add_argument(
         "--amp",
@@ -219,6 +222,11 @@ def check_args(args):
         raise UsageError(
             f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued "
             "per step (the global batch); use a larger queue or a smaller batch"
+        )
+    if args.aug_impl == "batched" and args.skip_bad_images:
+        raise UsageError(
+            "--skip-bad-images needs images decoded in the loader workers: use "
+            "--aug-impl fast or original with it"
         )
     if args.amp and args.amp_dtype == "float16" and not torch.cuda.is_available():
         raise UsageError("--amp-dtype float16 needs a GPU; on the CPU use bfloat16")
@@ -303,6 +311,15 @@ def main_worker(local_rank, procs_per_node, args):
 
     # Data loading code
     train_loader = create_loader(args, checkpointer.data_seed, env, batch_size, workers)
+    augment = None
+    if args.aug_impl == "batched":
+        mean, std = normalization(args.normalize)
+        augment = BatchAugment(recipe(args), args.input_size, mean, std)
+        if env.device.type == "cpu":
+            logger.warning(
+                "=> --aug-impl batched on the CPU: the same crops as --aug-impl fast, "
+                "made in the training process (slower here; it is meant for GPUs)"
+            )
 
     log = JsonLogger(
         os.path.join(args.output_dir, "log.jsonl"),
@@ -336,6 +353,7 @@ def main_worker(local_rank, procs_per_node, args):
                 stop=stop,
                 checkpointer=checkpointer,
                 log=log,
+                augment=augment,
             )
             if stopped:
                 raise SystemExit(PREEMPTED_EXIT_CODE)
@@ -379,14 +397,23 @@ def create_model(args, device):
 
 
 def create_loader(args, data_seed, env, batch_size, workers):
-    """Pairs of crops of DIR/train, this process's share, in a resumable order."""
+    """
+    Pairs of crops of DIR/train, this process's share, in a resumable order; with
+    --aug-impl batched, the files' bytes and the crops' random draws.
+    """
+    batched = args.aug_impl == "batched"
+    if batched:
+        transform = ReadAndSample(recipe(args), args.input_size)
+    else:
+        transform = pretrain_transform(
+            recipe(args), args.input_size, args.aug_impl, args.normalize
+        )
     train_dataset = SeededImageFolder(
         os.path.join(args.data, "train"),
-        pretrain_transform(
-            recipe(args), args.input_size, args.aug_impl, args.normalize
-        ),
+        transform,
         data_seed=data_seed,
         skip_bad=args.skip_bad_images,
+        decode=not batched,
     )
     train_sampler = EpochSampler(
         train_dataset, env.world_size, env.rank, data_seed=data_seed
@@ -398,6 +425,7 @@ def create_loader(args, data_seed, env, batch_size, workers):
         num_workers=workers,
         pin_memory=env.device.type == "cuda",
         drop_last=True,
+        collate_fn=collate if batched else None,
         # the loader's own seed does not touch torch's state
         generator=torch.Generator(),
     )
@@ -417,8 +445,12 @@ def train(
     checkpointer,
     log,
     first=0,
+    augment=None,
 ):
-    """One epoch from step `first`; returns True when stopped by a signal (checkpointed)."""
+    """
+    One epoch from step `first`; returns True when stopped by a signal (checkpointed).
+    augment: a BatchAugment that makes the crops on the device (--aug-impl batched).
+    """
     batch_time = AverageMeter("Time", ":6.3f")
     data_time = AverageMeter("Data", ":6.3f")
     losses = AverageMeter("Loss", ":.4e")
@@ -446,6 +478,8 @@ def train(
         # measure data loading time
         data_time.update(time.time() - end)
 
+        if augment is not None:
+            images = augment(images, env.device)
         im_q, im_k = (
             x.to(env.device, non_blocking=True, memory_format=memory_format)
             for x in images

@@ -30,12 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moco.batch_augment import (  # noqa: E402
     BatchAugment,
-    EncodedImageFolder,
     ReadAndSample,
     collate,
 )
 from moco.data import EpochSampler, SeededImageFolder  # noqa: E402
-from moco.loader import AUG_IMPLS, normalization, pretrain_transform  # noqa: E402
+from moco.loader import TRANSFORM_IMPLS, normalization, pretrain_transform  # noqa: E402
 
 
 def smooth_field(g, height, width, cells):
@@ -188,7 +187,7 @@ def main(args):
     torch.set_num_threads(1)  # as in a DataLoader worker
     device = torch.device(args.device)
     recipes = ["v1"] if args.v1 else ["v2"] if args.aug_plus else ["v1", "v2"]
-    impls = AUG_IMPLS + ("batched",)
+    impls = TRANSFORM_IMPLS + ("batched",)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or make_folder(os.path.join(tmp, "train"), args.images)
         print(
@@ -197,7 +196,7 @@ def main(args):
         )
         print(
             f"{'recipe':6} {'workers':>7} "
-            + " ".join(f"{i + ' img/s':>15}" for i in AUG_IMPLS)
+            + " ".join(f"{i + ' img/s':>15}" for i in TRANSFORM_IMPLS)
             + f" {'fast/original':>14} {'batched img/s':>15} {'batched/original':>16}"
         )
         for recipe in recipes:
@@ -205,10 +204,10 @@ def main(args):
                 impl: SeededImageFolder(
                     root, pretrain_transform(recipe, args.size, impl)
                 )
-                for impl in AUG_IMPLS
+                for impl in TRANSFORM_IMPLS
             }
-            datasets["batched"] = EncodedImageFolder(
-                root, ReadAndSample(recipe, args.size)
+            datasets["batched"] = SeededImageFolder(
+                root, ReadAndSample(recipe, args.size), decode=False
             )
             augments = {
                 "batched": BatchAugment(recipe, args.size, *normalization("imagenet"))
@@ -229,7 +228,7 @@ def main(args):
                 med = {impl: statistics.median(r) for impl, r in rates.items()}
                 print(
                     f"{recipe:6} {workers:>7} "
-                    + " ".join(f"{med[i]:15.1f}" for i in AUG_IMPLS)
+                    + " ".join(f"{med[i]:15.1f}" for i in TRANSFORM_IMPLS)
                     + f" {med['fast'] / med['original']:14.2f}"
                     + f" {med['batched']:15.1f}"
                     + f" {med['batched'] / med['original']:16.2f}",

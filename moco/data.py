@@ -99,10 +99,12 @@ class SeededImageFolder(Dataset):
     ImageFolder samples (path, target) augmented by `transform` under torch's random
     state seeded from (data_seed, epoch, index). Indexed by an int (epoch 0) or by the
     (index, seed) pairs that EpochSampler yields. With skip_bad, an unreadable file is
-    logged once and replaced by the next readable sample.
+    logged once and replaced by the next readable sample. decode=False hands the
+    transform the file's path instead of the image (moco/batch_augment.py decodes
+    batches on the training device).
     """
 
-    def __init__(self, root, transform, data_seed=0, skip_bad=False):
+    def __init__(self, root, transform, data_seed=0, skip_bad=False, decode=True):
         folder = ImageFolder(root, allow_empty=False)
         self.root = root
         self.samples = folder.samples
@@ -111,6 +113,7 @@ class SeededImageFolder(Dataset):
         self.transform = transform
         self.data_seed = data_seed
         self.skip_bad = skip_bad
+        self.decode = decode
         # counted across loader workers
         self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._reported = set()
@@ -127,7 +130,7 @@ class SeededImageFolder(Dataset):
         for attempt in range(len(self.samples)):
             path, target = self.samples[(index + attempt) % len(self.samples)]
             try:
-                img = load_image(path)
+                img = load_image(path) if self.decode else path
                 break
             except BadImageError as e:
                 if not self.skip_bad:

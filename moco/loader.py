@@ -22,7 +22,10 @@ NORMALIZATIONS = {
 }
 
 RECIPES = ("v1", "v2", "cifar10")
-AUG_IMPLS = ("fast", "original")
+# per image in the loader workers (pretrain_transform)
+TRANSFORM_IMPLS = ("fast", "original")
+# and in batches on the training device (moco/batch_augment.py)
+AUG_IMPLS = TRANSFORM_IMPLS + ("batched",)
 
 
 class TwoCropsTransform:
@@ -96,7 +99,7 @@ def pretrain_transform(recipe="v1", size=224, impl="original", normalize="imagen
             pretrain_augmentation(recipe)  # raises, naming the recipes
         return FastTwoCrops(recipe, size, *normalization(normalize))
     raise UsageError(
-        f"unknown augmentation implementation {impl!r}; use one of {AUG_IMPLS}"
+        f"unknown augmentation implementation {impl!r}; use one of {TRANSFORM_IMPLS}"
     )
 
 
