@@ -1,11 +1,17 @@
 import os
+import shutil
+import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import REPO
+from PIL import Image
 
 from moco.data import check_image_folder, check_val_folder
-from moco.utils import UsageError
+from moco.utils import UsageError, setup_logging
 from tools import demo, shapes
+from tools.cifar10 import find_cifar10
 
 
 def read_tree(root):
@@ -58,10 +64,14 @@ def test_dataset_is_an_image_folder_with_the_same_classes_in_both_splits(tmp_pat
     assert check_val_folder(root) == len(shapes.CLASSES)
 
 
+def demo_args(out, *extra):
+    return demo.get_args_parser().parse_args(["--output-dir", str(out), *extra])
+
+
 def test_demo_refuses_a_folder_it_did_not_make_and_leaves_it_alone(tmp_path):
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(UsageError, match="not made by the demo"):
-        demo.run_demo(str(tmp_path), demo.QUICK)
+        demo.run_demo(demo_args(tmp_path, "--shapes"), demo.QUICK)
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
@@ -75,16 +85,17 @@ def test_demo_rerun_replaces_only_its_own_previous_run(tmp_path):
 
 
 def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
-    out = str(tmp_path / "demo")
-    results, plot = demo.run_demo(out, demo.QUICK, seed=0)
+    out = tmp_path / "demo"
+    results, plot = demo.run_demo(demo_args(out, "--shapes"), demo.QUICK)
     assert set(results) == {
         (e, p) for e in ("random", "moco") for p in ("knn", "linear")
     }
     assert all(0.0 <= v <= 100.0 for v in results.values())
-    assert os.path.isfile(os.path.join(out, "pretrain", "checkpoint_0000.pth.tar"))
-    assert os.path.isfile(os.path.join(out, "linear-moco", "model_best.pth.tar"))
+    assert os.path.isfile(out / "pretrain" / "checkpoint_0000.pth.tar")
+    assert os.path.isfile(out / "linear-moco" / "model_best.pth.tar")
     printed = capsys.readouterr().out
-    assert "random init" in printed and "MoCo v2" in printed and "kNN acc@1" in printed
+    assert "random init" in printed and "MoCo" in printed and "kNN acc@1" in printed
+    assert "the generated shapes dataset instead" in printed
     # each step's command is printed in a form that runs
     assert "$ python main_knn.py " in printed and "$ python main_moco.py " in printed
     assert "$ python main_lincls.py " in printed
@@ -96,3 +107,100 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
         assert plot is None and "pip install matplotlib" in printed
     else:
         assert plot == os.path.join(out, "curves.png") and os.path.isfile(plot)
+
+
+# --- where the demo finds CIFAR-10 ------------------------------------------------------
+
+
+def tiny_cifar(root, per_class=2):
+    """An ImageFolder with train/ and val/ of two classes, as CIFAR-10's JPEG tarball."""
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            os.makedirs(root / split / c)
+            for i in range(per_class):
+                img = np.full((32, 32, 3), 40 * i + (c == "dog") * 100, np.uint8)
+                Image.fromarray(img).save(root / split / c / f"{i:04d}.jpg")
+    return root
+
+
+def make_tarball(folder, path):
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=os.path.basename(folder))
+    return str(path)
+
+
+def test_data_is_found_in_order_folder_tarball_cache_then_none(tmp_path):
+    folder = tiny_cifar(tmp_path / "cifar10")
+    tarball = make_tarball(folder, tmp_path / "cifar10-jpeg.tar.gz")
+    cache = str(tmp_path / "cache")
+
+    # an ImageFolder, or the folder that holds it
+    assert find_cifar10(str(folder), cache)[0] == str(folder)
+    assert find_cifar10(str(tmp_path), cache, False)[0] == str(folder)
+    # a tarball: unpacked into the cache once
+    root, how = find_cifar10(tarball, cache)
+    assert root == os.path.join(cache, "unpacked", "cifar10-jpeg", "cifar10")
+    assert how == f"--data {tarball}" and sorted(os.listdir(root)) == ["train", "val"]
+    stamp = os.stat(os.path.join(root, "train", "cat", "0000.jpg")).st_mtime_ns
+    # no --data: the cached copy, else nothing (downloads are off in tests)
+    assert find_cifar10(None, cache, allow_download=False)[0] is None
+    shutil.copytree(folder, os.path.join(cache, "cifar10"))
+    open(os.path.join(cache, "cifar10", ".complete"), "w").close()
+    root, how = find_cifar10(None, cache, allow_download=False)
+    assert root == os.path.join(cache, "cifar10") and how.startswith("the cached copy")
+    # the unpacked tarball was not unpacked again
+    unpacked = os.path.join(cache, "unpacked", "cifar10-jpeg", "cifar10")
+    assert (
+        os.stat(os.path.join(unpacked, "train", "cat", "0000.jpg")).st_mtime_ns == stamp
+    )
+
+
+def test_bad_data_is_refused_in_one_line(tmp_path):
+    cache = str(tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="holds no train/ and val/"):
+        find_cifar10(str(tmp_path / "empty"), cache)
+    with pytest.raises(UsageError, match="neither a folder nor"):
+        find_cifar10(str(tmp_path / "missing"), cache)
+    (tmp_path / "broken.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(UsageError, match="cannot be unpacked"):
+        find_cifar10(str(tmp_path / "broken.tar.gz"), cache)
+
+
+def test_demo_takes_a_class_balanced_subset_of_cifar(tmp_path, capsys):
+    setup_logging()
+    folder = tiny_cifar(tmp_path / "cifar10", per_class=3)
+    args = demo_args(
+        tmp_path / "out", "--data", str(folder), "--cache-dir", str(tmp_path)
+    )
+    config = replace(demo.QUICK, train_per_class=2, val_per_class=1)
+    name, classes = demo.prepare_data(args, config, str(tmp_path / "d"))
+    assert (name, classes) == ("CIFAR-10", ["cat", "dog"])
+    for split, n in (("train", 2), ("val", 1)):
+        for c in classes:
+            files = sorted(os.listdir(tmp_path / "d" / split / c))
+            assert files == [f"{i:04d}.jpg" for i in range(n)]
+    assert "CIFAR-10 from --data" in capsys.readouterr().out
+
+
+def test_demo_without_cifar_says_so_and_draws_shapes(tmp_path, capsys):
+    setup_logging()
+    args = demo_args(tmp_path / "out", "--cache-dir", str(tmp_path), "--no-download")
+    config = replace(demo.QUICK, train_per_class=1, val_per_class=1)
+    name, classes = demo.prepare_data(args, config, str(tmp_path / "d"))
+    assert name == "shapes" and classes == list(shapes.CLASSES)
+    out = capsys.readouterr().out
+    assert "CIFAR-10 not used (no --data and no cached copy in" in out
+
+
+SHARED = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(SHARED), reason=f"no CIFAR-10 tarball at {SHARED}"
+)
+def test_the_shared_cifar10_tarball_is_read_as_an_image_folder(tmp_path):
+    root, _ = find_cifar10(SHARED, str(tmp_path))
+    classes, n_train = check_image_folder(os.path.join(root, "train"))
+    assert len(classes) == 10 and "airplane" in classes and n_train == 50000
+    assert check_val_folder(root) == 10000

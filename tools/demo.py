@@ -1,16 +1,19 @@
-"""MoCo v2 learning on the CPU in minutes: pretrain, then evaluate against random init.
+"""MoCo learning on a CPU in minutes: pretrain, then evaluate against random init.
 
-    python -m tools.demo [--output-dir demo_output] [--epochs N] [--quick]
+    python -m tools.demo [--data CIFAR10] [--output-dir demo_output] [--quick]
 
-1. writes a dataset of shapes (tools/shapes.py) to OUTPUT/data;
-2. pretrains a ResNet-18 with main_moco.py's main() (MoCo v2: --mlp --aug-plus --cos,
-   small-image stem, 8-way split BatchNorm as 8 GPUs would), kNN monitor every 2 epochs;
+1. finds CIFAR-10 (tools/cifar10.py: --data, a cached copy, or torchvision's download)
+   and takes a class-balanced part of it into OUTPUT/data; without CIFAR-10, or with
+   --shapes, it draws the shapes dataset of tools/shapes.py instead, and says so;
+2. pretrains a ResNet-18 with main_moco.py: the official CIFAR-10 demo's recipe
+   (small-image stem, 8-way split BatchNorm, its augmentation, K, m, T, weight decay,
+   cosine schedule) on fewer images and epochs, with its kNN monitor every epoch;
 3. evaluates the pretrained encoder and a randomly initialised one with main_knn.py
    and main_lincls.py (the linear probe on frozen features);
 4. prints the table and plots the run to OUTPUT/curves.png (needs matplotlib).
 
 Nothing here trains or evaluates by itself: every figure comes from the project's
-scripts, called in-process with the arguments printed before each step.
+programs, called in-process with the arguments printed before each step.
 """
 
 import argparse
@@ -18,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, replace
 
 import main_knn
 import main_lincls
@@ -26,41 +30,97 @@ from moco import checkpoint as ckpt
 from moco.cli import run_cli
 from moco.utils import UsageError, logger, setup_logging
 from tools import shapes
+from tools.cifar10 import default_cache_dir, find_cifar10
 from tools.plot import plot_log
 
-MARKER = ".moco-demo"  # names a folder this demo made, and may empty again
+# names a folder this demo made, and may empty again
+MARKER = ".moco-demo"
 PARTS = ("data", "pretrain", "linear-random", "linear-moco", "curves.png")
 
-# the default run: about 4 minutes on 2 CPU cores
-DEFAULT = dict(
-    train_per_class=500, val_per_class=100, image_size=16, input_size=16,
-    epochs=8, batch_size=128, lr=0.06, moco_k=2048, linear_epochs=5, knn_freq=2,
-)  # fmt: skip
+
+@dataclass(frozen=True)
+class Config:
+    """The sizes of one demo run."""
+
+    train_per_class: int
+    val_per_class: int
+    input_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    moco_k: int
+    linear_epochs: int
+
+
+# about 9 minutes on 2 CPU cores
+CIFAR10 = Config(
+    train_per_class=500,
+    val_per_class=100,
+    input_size=16,
+    epochs=6,
+    batch_size=256,
+    lr=0.06,
+    moco_k=2048,
+    linear_epochs=3,
+)
+# the generated fallback, at its own 16 px
+SHAPES = replace(CIFAR10)
 # --quick: the same pipeline at toy size, for a smoke test
-QUICK = dict(
-    train_per_class=8, val_per_class=4, image_size=16, input_size=16,
-    epochs=1, batch_size=16, lr=0.06, moco_k=64, linear_epochs=1, knn_freq=1,
-)  # fmt: skip
+QUICK = Config(
+    train_per_class=8,
+    val_per_class=4,
+    input_size=16,
+    epochs=1,
+    batch_size=16,
+    lr=0.06,
+    moco_k=64,
+    linear_epochs=1,
+)
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description="MoCo v2 on a generated dataset of shapes, on the CPU: pretraining, "
-        "then kNN and linear accuracy against a randomly initialised encoder"
+        description="MoCo on a CPU in minutes: pretraining on part of CIFAR-10 (or on "
+        "generated shapes without it), then kNN and linear accuracy against a randomly "
+        "initialised encoder"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="CIFAR-10 as an ImageFolder (train/, val/) or a .tar.gz of one (default: "
+        "the cached copy, else torchvision's download, else generated shapes)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help=f"where CIFAR-10 is unpacked or downloaded once (default: "
+        f"{default_cache_dir()})",
+    )
+    parser.add_argument(
+        "--shapes",
+        action="store_true",
+        help="use the generated shapes dataset, not CIFAR-10",
+    )
+    parser.add_argument(
+        "--no-download",
+        action="store_true",
+        help="never download CIFAR-10 (without --data or a cached copy: shapes)",
     )
     parser.add_argument(
         "--output-dir",
         default="demo_output",
         metavar="DIR",
-        help="where the data, checkpoints, logs and plot go "
-        "(default: demo_output; a previous demo run there is replaced)",
+        help="where the data, checkpoints, logs and plot go (default: demo_output; a "
+        "previous demo run there is replaced)",
     )
     parser.add_argument(
         "--epochs",
         default=None,
         type=int,
         metavar="N",
-        help=f"pretraining epochs (default: {DEFAULT['epochs']})",
+        help=f"pretraining epochs (default: {CIFAR10.epochs})",
     )
     parser.add_argument(
         "--quick",
@@ -71,7 +131,7 @@ def get_args_parser():
         "--seed",
         default=0,
         type=int,
-        help="seed of the dataset, the weights and the augmentations",
+        help="seed of the subset, the weights and the augmentations",
     )
     parser.add_argument(
         "-j",
@@ -79,10 +139,9 @@ def get_args_parser():
         default=0,
         type=int,
         metavar="N",
-        help="data loading worker processes (default: 0, in the main "
-        "process: the fastest on 2 cores)",
+        help="data loading worker processes (default: 0, in the main process: the "
+        "fastest on 2 cores)",
     )
-    # fmt: skip
     return parser
 
 
@@ -114,73 +173,133 @@ def run_step(title, module, argv):
     return module.main(module.get_args_parser().parse_args(argv))
 
 
-def run_demo(output_dir, config, seed=0, workers=0):
+def take_subset(source, out, train_per_class, val_per_class):
+    """
+    OUT/{train,val}/<class>/: the first images of each class of `source` (sorted by
+    name), linked where the file system allows, else copied. Returns the classes.
+    """
+    classes = sorted(os.listdir(os.path.join(source, "train")))
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in classes:
+            src = os.path.join(source, split, c)
+            dst = os.path.join(out, split, c)
+            os.makedirs(dst)
+            names = sorted(os.listdir(src))[:n]
+            if len(names) < n:
+                raise UsageError(
+                    f"{src!r} holds {len(names)} images; the demo takes {n} of each class"
+                )
+            for name in names:
+                try:
+                    os.symlink(
+                        os.path.abspath(os.path.join(src, name)),
+                        os.path.join(dst, name),
+                    )
+                except OSError:
+                    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return classes
+
+
+def prepare_data(args, config, data):
+    """OUT/data from CIFAR-10, or from generated shapes; returns (name, classes)."""
+    root, how = (
+        (None, "--shapes")
+        if args.shapes
+        else find_cifar10(
+            args.data, args.cache_dir, allow_download=not args.no_download
+        )
+    )
+    if root is not None:
+        logger.info(f"=> CIFAR-10 from {how}: {root}")
+        classes = take_subset(root, data, config.train_per_class, config.val_per_class)
+        return "CIFAR-10", classes
+    logger.info(f"=> CIFAR-10 not used ({how}): the generated shapes dataset instead")
+    shapes.make_shapes(
+        data, config.train_per_class, config.val_per_class, config.input_size, args.seed
+    )
+    return "shapes", list(shapes.CLASSES)
+
+
+def run_demo(args, config):
     """The whole demo; returns {(encoder, protocol): accuracy} and the plot's path."""
     setup_logging()
     start = time.time()
+    output_dir = args.output_dir
     prepare_output_dir(output_dir)
     data = os.path.join(output_dir, "data")
     pretrain = os.path.join(output_dir, "pretrain")
-    common = ["-a", "resnet18", "--small-stem", "--input-size", str(config["input_size"]),
-              "-j", str(workers), "--seed", str(seed)]  # fmt: skip
-
-    shapes.make_shapes(data, config["train_per_class"], config["val_per_class"],
-                       config["image_size"], seed)  # fmt: skip
-    n_train = config["train_per_class"] * len(shapes.CLASSES)
-    n_val = config["val_per_class"] * len(shapes.CLASSES)
+    name, classes = prepare_data(args, config, data)
+    n_val = config.val_per_class * len(classes)
     logger.info(
-        f"=> dataset: {n_train} training and {n_val} validation images of "
-        f"{config['image_size']}px, {len(shapes.CLASSES)} shapes ({', '.join(shapes.CLASSES)}) "
-        f"in {data} ({time.time() - start:.1f} s)"
+        f"=> dataset: {name}, {config.train_per_class * len(classes)} training and "
+        f"{n_val} held-out images, {len(classes)} classes ({', '.join(classes)}), in "
+        f"{data} ({time.time() - start:.1f} s)"
     )
+    common = [
+        *("-a", "resnet18", "--small-stem", "--input-size", str(config.input_size)),
+        *("--normalize", "cifar10", "-j", str(args.workers), "--seed", str(args.seed)),
+    ]
 
     results = {}
     results["random", "knn"] = run_step(
-        "kNN accuracy of a randomly initialised encoder", main_knn,
+        "kNN accuracy of a randomly initialised encoder",
+        main_knn,
         [data, *common, "-b", "256"],
-    )  # fmt: skip
-    bn_splits = 8 if config["batch_size"] % 8 == 0 else 1
-    run_step(
-        "MoCo v2 pretraining", main_moco,
-        [data, *common, "--mlp", "--aug-plus", "--cos", "--epochs", str(config["epochs"]),
-         "-b", str(config["batch_size"]), "--lr", str(config["lr"]), "--wd", "5e-4",
-         "--moco-k", str(config["moco_k"]), "--moco-m", "0.99", "--moco-t", "0.2",
-         "--bn-splits", str(bn_splits), "--knn-freq", str(config["knn_freq"]), "-p", "10",
-         "--output-dir", pretrain],
-    )  # fmt: skip
-    pretrained = os.path.join(
-        pretrain, f"checkpoint_{config['epochs'] - 1:04d}.pth.tar"
     )
+    # the official CIFAR-10 demo's recipe, on a smaller scale
+    recipe = [
+        *("--aug", "cifar10", "--bn-splits", "8", "--wd", "5e-4", "--cos"),
+        *("--moco-m", "0.99", "--moco-t", "0.1", "--knn-features", "head"),
+    ]
+    run_step(
+        "MoCo pretraining (the official CIFAR-10 demo's recipe)",
+        main_moco,
+        [
+            data,
+            *common,
+            *recipe,
+            *("--epochs", str(config.epochs), "-b", str(config.batch_size)),
+            *("--lr", str(config.lr), "--moco-k", str(config.moco_k)),
+            *("--knn-freq", "1", "-p", "5", "--output-dir", pretrain),
+        ],
+    )
+    pretrained = os.path.join(pretrain, f"checkpoint_{config.epochs - 1:04d}.pth.tar")
     results["moco", "knn"] = run_step(
-        "kNN accuracy of the MoCo encoder", main_knn,
+        "kNN accuracy of the MoCo encoder",
+        main_knn,
         [data, *common, "-b", "256", "--pretrained", pretrained],
-    )  # fmt: skip
+    )
     linear = [
-        "--epochs",
-        str(config["linear_epochs"]),
-        "-b",
-        "256",
-        "--lr",
-        "30",
-        "--schedule",
-        str(max(config["linear_epochs"] * 3 // 4, 1)),
-        "-p",
-        "100",
+        *("--epochs", str(config.linear_epochs), "-b", "256", "--lr", "30"),
+        *("--schedule", str(max(config.linear_epochs * 2 // 3, 1)), "-p", "100"),
     ]
     results["random", "linear"] = run_step(
-        "linear probe on the frozen random encoder", main_lincls,
-        [data, *common, *linear, "--output-dir", os.path.join(output_dir, "linear-random")],
-    )  # fmt: skip
+        "linear probe on the frozen random encoder",
+        main_lincls,
+        [
+            data,
+            *common,
+            *linear,
+            "--output-dir",
+            os.path.join(output_dir, "linear-random"),
+        ],
+    )
     results["moco", "linear"] = run_step(
-        "linear probe on the frozen MoCo encoder", main_lincls,
-        [data, *common, *linear, "--pretrained", pretrained,
-         "--output-dir", os.path.join(output_dir, "linear-moco")],
-    )  # fmt: skip
+        "linear probe on the frozen MoCo encoder",
+        main_lincls,
+        [
+            data,
+            *common,
+            *linear,
+            *("--pretrained", pretrained),
+            *("--output-dir", os.path.join(output_dir, "linear-moco")),
+        ],
+    )
 
     plot = save_plot(
         pretrain, os.path.join(output_dir, "curves.png"), results["random", "knn"]
     )
-    logger.info("\n" + format_table(results, n_val))
+    logger.info("\n" + format_table(results, name, n_val, len(classes)))
     if plot:
         logger.info(f"=> plot of the run: {plot}")
     logger.info(f"=> total time {time.time() - start:.0f} s")
@@ -191,35 +310,36 @@ def save_plot(pretrain_dir, out, random_knn):
     """The run's curves, or None with a hint when matplotlib is missing."""
     try:
         return plot_log(pretrain_dir, out, references={"random init": random_knn})
-    except UsageError as e:  # matplotlib is optional
+    # matplotlib is optional
+    except UsageError as e:
         logger.info(f"=> no plot: {e}")
         return None
 
 
-def format_table(results, n_val):
+def format_table(results, name, n_val, num_classes):
     rows = [
         ("encoder", "kNN acc@1", "linear acc@1"),
         ("random init", *(f"{results['random', p]:.1f}" for p in ("knn", "linear"))),
-        ("MoCo v2", *(f"{results['moco', p]:.1f}" for p in ("knn", "linear"))),
+        ("MoCo", *(f"{results['moco', p]:.1f}" for p in ("knn", "linear"))),
     ]
     lines = [f"{a:<12} {b:>10} {c:>13}" for a, b, c in rows]
     lines.insert(1, "-" * len(lines[0]))
-    chance = 100 / len(shapes.CLASSES)
-    return "\n".join(
-        [f"accuracy (%) on {n_val} held-out images, {len(shapes.CLASSES)} shapes "
-         f"(chance {chance:.1f}):", *lines]
-    )  # fmt: skip
+    title = (
+        f"accuracy (%) on {n_val} held-out images of {name}, {num_classes} classes "
+        f"(chance {100 / num_classes:.1f}); kNN on backbone features:"
+    )
+    return "\n".join([title, *lines])
 
 
 def main(args):
-    config = dict(QUICK if args.quick else DEFAULT)
+    config = QUICK if args.quick else SHAPES if args.shapes else CIFAR10
     if args.epochs is not None:
         if args.epochs <= 0:
             raise UsageError(f"--epochs must be positive, got {args.epochs}")
-        config["epochs"] = args.epochs
+        config = replace(config, epochs=args.epochs)
     if args.workers < 0:
         raise UsageError(f"-j/--workers must be zero or positive, got {args.workers}")
-    return run_demo(args.output_dir, config, args.seed, args.workers)
+    return run_demo(args, config)
 
 
 if __name__ == "__main__":
