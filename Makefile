@@ -15,8 +15,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: venv
 	$(PY) -m pytest -q tests
 
+# CIFAR-10 for the demo where this machine keeps it; else the demo looks in its cache,
+# then downloads it, then falls back to generated shapes (make demo DEMO_DATA=PATH)
+DEMO_DATA ?= $(wildcard ../shared/data/cifar10-jpeg.tar.gz)
+
 demo: venv
-	$(PY) -m tools.demo
+	$(PY) -m tools.demo $(if $(DEMO_DATA),--data $(DEMO_DATA))
 
 clean:
 	rm -rf $(VENV) demo_output

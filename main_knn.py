@@ -65,6 +65,11 @@ def check_args(args):
         non_negative={"-j/--workers": args.workers},
     )
     KnnOptions.from_args(args)
+    if args.knn_features == "head" and not args.pretrained:
+        raise UsageError(
+            "--knn-features head needs --pretrained (a MoCo checkpoint with its head); "
+            "measure a random encoder on its backbone features"
+        )
     check_arch(args.arch, small_stem=args.small_stem)
     Launch.from_args(args).check(args.batch_size)
 
@@ -72,11 +77,6 @@ def check_args(args):
 def create_model(args):
     """The encoder of --pretrained (with its head for --knn-features head), or a random one."""
     if args.knn_features == "head":
-        if not args.pretrained:
-            raise UsageError(
-                "--knn-features head needs --pretrained (a MoCo checkpoint with its "
-                "head); measure a random encoder on its backbone features"
-            )
         return load_encoder_with_head(args.pretrained, args.arch, args.small_stem)
     model = build_encoder(args.arch, small_stem=args.small_stem)
     if args.pretrained:

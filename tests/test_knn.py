@@ -114,9 +114,8 @@ def test_extract_features_are_normalised_backbone_outputs():
     features, got_labels = knn.extract_features(
         knn.backbone(encoder), loader, torch.device("cpu")
     )
-    assert (
-        isinstance(encoder.fc, nn.Linear) and encoder.training
-    )  # the original is untouched
+    # the original is untouched
+    assert isinstance(encoder.fc, nn.Linear) and encoder.training
     reference = build_encoder("resnet18", num_classes=16, small_stem=True)
     reference.load_state_dict(encoder.state_dict())
     reference.fc = nn.Identity()
@@ -251,3 +250,95 @@ def test_knn_command_refuses_a_wrong_checkpoint_before_reading_data(tmp_path):
     torch.save(build_encoder("resnet34").state_dict(), path)
     with pytest.raises(UsageError, match="does not hold a resnet18 backbone"):
         main_knn.main(knn_args(str(tmp_path / "no-data"), "--pretrained", str(path)))
+
+
+def brute_force_accuracy(model, data, transform, k, t):
+    """kNN top-1 (%) computed here: features one image at a time, Python loops."""
+    from moco.data import SeededImageFolder
+
+    def features(split):
+        ds = SeededImageFolder(f"{data}/{split}", transform)
+        with torch.no_grad():
+            rows = [
+                F.normalize(model(ds[i][0][None]), dim=1)[0] for i in range(len(ds))
+            ]
+        return torch.stack(rows), torch.tensor(ds.targets)
+
+    bank, labels = features("train")
+    queries, truth = features("val")
+    found = brute_force_knn(queries, bank, labels, len(set(labels.tolist())), k, t)
+    return (
+        100.0
+        * sum(int(p == y) for (p, _), y in zip(found, truth.tolist()))
+        / len(truth)
+    )
+
+
+@pytest.mark.parametrize("features", ["backbone", "head"])
+def test_knn_on_head_or_backbone_features_equals_brute_force(tmp_path, features):
+    from moco.distributed import DistEnv
+    from moco.loader import eval_transforms
+
+    # 20-px images evaluated at their own size (--knn-crop none)
+    data = make_image_folder(tmp_path / "d", classes=3, per_class=5, size=20)
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", num_classes=8, small_stem=True)
+    options = knn.KnnOptions(k=4, features=features, crop="none", input_size=20)
+    acc = knn.knn_accuracy(encoder, data, DistEnv(), options, batch_size=4, workers=0)
+
+    model = knn.feature_extractor(encoder, features)
+    transform = eval_transforms(20, "imagenet", center_crop=False)[1]
+    assert acc == pytest.approx(brute_force_accuracy(model, data, transform, 4, 0.1))
+    # the head's 8-d output or the backbone's 512-d features
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        assert model(x).shape == ((2, 8) if features == "head" else (2, 512))
+        if features == "head":
+            torch.testing.assert_close(model(x), encoder.eval()(x))
+
+
+def test_small_images_keep_their_size_without_the_centre_crop():
+    from PIL import Image
+
+    from moco.loader import eval_transforms
+
+    img = Image.new("RGB", (32, 32), (10, 200, 30))
+    assert eval_transforms(32, "cifar10", center_crop=False)[1](img).shape == (
+        3,
+        32,
+        32,
+    )
+    # the ImageNet evaluation enlarges 32 px to 37 and crops the centre back to 32
+    center = eval_transforms(32, "cifar10")[1].transforms
+    assert [type(t).__name__ for t in center[:2]] == ["Resize", "CenterCrop"]
+    assert center[0].size == 37
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_head_features_of_a_checkpoint_are_the_query_encoders_output(tmp_path, mlp):
+    from moco import checkpoint as ckpt
+    from moco.builder import MoCo
+
+    torch.manual_seed(0)
+    model = MoCo(
+        lambda num_classes: build_encoder("resnet18", num_classes, small_stem=True),
+        dim=16,
+        K=32,
+        mlp=mlp,
+    )
+    path = tmp_path / "moco.pth.tar"
+    state = {
+        "arch": "resnet18",
+        "state_dict": ckpt.with_module_prefix(model.state_dict()),
+    }
+    torch.save(state, path)
+    loaded = knn.load_encoder_with_head(str(path), "resnet18", small_stem=True)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.encoder_q.eval()(x))
+
+
+def test_head_features_without_a_checkpoint_are_refused(tmp_path):
+    data = make_image_folder(tmp_path / "d", classes=2, per_class=2, size=8)
+    with pytest.raises(UsageError, match="--knn-features head needs --pretrained"):
+        main_knn.main(knn_args(data, "--knn-features", "head"))
