@@ -157,9 +157,8 @@ def _to_tensor(crop):
 def _to_pil(crop):
     if isinstance(crop, Image.Image):
         return crop
-    return Image.fromarray(
-        crop.contiguous().numpy()
-    )  # torch's strided copy is the fast one
+    # torch's strided copy is the fast one
+    return Image.fromarray(crop.contiguous().numpy())
 
 
 def _blend_lut(base, factor):

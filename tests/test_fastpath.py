@@ -112,9 +112,8 @@ def _two_process_worker(rank, port):
         model = make_moco(seed=0)
         x = (100 * rank + torch.arange(N * 3 * 2 * 2)).float().view(N, 3, 2, 2)
         for trial in range(3):
-            torch.manual_seed(
-                10 * trial + rank
-            )  # the processes draw different permutations
+            # the processes draw different permutations
+            torch.manual_seed(10 * trial + rank)
             state = torch.get_rng_state()
             fast, idx_fast = model._batch_shuffle(x)
             torch.set_rng_state(state)

@@ -101,9 +101,8 @@ def test_linear_probe_trains_only_fc_and_writes_the_originals_checkpoints(
     assert (state["epoch"], state["arch"]) == (1, "resnet18")
     assert type(state["best_acc1"]) is float and state["best_acc1"] == best
     assert all(k.startswith("module.") for k in state["state_dict"])
-    assert (
-        len(state["optimizer"]["param_groups"][0]["params"]) == 2
-    )  # fc.weight, fc.bias
+    # fc.weight, fc.bias
+    assert len(state["optimizer"]["param_groups"][0]["params"]) == 2
     best_file = torch.load(tmp_path / "model_best.pth.tar", weights_only=True)
     assert best_file["best_acc1"] == best  # first epoch is the best so far
 
@@ -246,9 +245,8 @@ def test_bad_checkpoints_are_refused_in_one_line(pretrained, tmp_path):
             lincls_args(str(tmp_path / "no-data"), out, "--pretrained", path)
         )
 
-    torch.load(
-        cases["evil"][1], weights_only=False
-    )  # the test's own proof of the danger
+    # the test's own proof of the danger
+    torch.load(cases["evil"][1], weights_only=False)
     assert os.path.exists(marker)
 
 

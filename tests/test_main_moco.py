@@ -70,9 +70,8 @@ def test_queue_wraps_around_when_k_is_not_a_multiple_of_the_batch(
 def test_symmetric_and_bn_splits_train(image_folder, tmp_path, capsys):
     run_moco(image_folder, tmp_path, "--symmetric", "--bn-splits", "2")
     ckpt = load(tmp_path / "checkpoint_0000.pth.tar")
-    assert (
-        int(ckpt["state_dict"]["module.queue_ptr"]) == (3 * 16) % 64
-    )  # both keys enqueued
+    # both keys enqueued
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == (3 * 16) % 64
     assert "module.encoder_q.bn1.running_mean" in ckpt["state_dict"]
 
 
@@ -220,6 +219,5 @@ def test_resumes_a_file_in_the_original_format(image_folder, tmp_path):
     resumed = load(tmp_path / "b/checkpoint_0001.pth.tar")
     assert resumed["epoch"] == 2
     assert int(resumed["state_dict"]["module.queue_ptr"]) == 48
-    assert not os.path.exists(
-        tmp_path / "b/checkpoint_0000.pth.tar"
-    )  # started at epoch 1
+    # started at epoch 1
+    assert not os.path.exists(tmp_path / "b/checkpoint_0000.pth.tar")
