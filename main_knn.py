@@ -20,12 +20,13 @@ from moco.cli import (
     add_knn_arguments,
     add_launch_arguments,
     check_ranges,
+    knn_options,
+    launch_settings,
     run_cli,
 )
 from moco.data import check_image_folder
-from moco.distributed import Launch, cleanup, init_distributed, launch, shared_seed
+from moco.distributed import cleanup, init_distributed, launch, shared_seed
 from moco.knn import (
-    KnnOptions,
     check_knn_data,
     knn_accuracy,
     load_encoder_with_head,
@@ -64,14 +65,15 @@ def check_args(args):
         positive={"-b/--batch-size": args.batch_size, "--input-size": args.input_size},
         non_negative={"-j/--workers": args.workers},
     )
-    KnnOptions.from_args(args)
+    # refuses a --knn-k or --knn-t out of range
+    knn_options(args)
     if args.knn_features == "head" and not args.pretrained:
         raise UsageError(
             "--knn-features head needs --pretrained (a MoCo checkpoint with its head); "
             "measure a random encoder on its backbone features"
         )
     check_arch(args.arch, small_stem=args.small_stem)
-    Launch.from_args(args).check(args.batch_size)
+    launch_settings(args).check(args.batch_size)
 
 
 def create_model(args):
@@ -90,12 +92,12 @@ def main(args):
         # refuse a wrong file before reading any data
         create_model(args)
     check_image_folder(os.path.join(args.data, "train"), "training data")
-    check_knn_data(args.data)
-    return launch(main_worker, Launch.from_args(args), args)
+    check_knn_data(args.data, args.input_size if args.knn_crop == "none" else None)
+    return launch(main_worker, launch_settings(args), args)
 
 
 def main_worker(local_rank, procs_per_node, args):
-    env = init_distributed(local_rank, procs_per_node, Launch.from_args(args))
+    env = init_distributed(local_rank, procs_per_node, launch_settings(args))
     try:
         # without --pretrained every process needs the same random weights
         torch.manual_seed(shared_seed(args.seed))
@@ -103,8 +105,8 @@ def main_worker(local_rank, procs_per_node, args):
         what = f"'{args.pretrained}'" if args.pretrained else f"a random {args.arch}"
         logger.info(f"=> kNN evaluation of {what} (k {args.knn_k}, t {args.knn_t})")
         batch_size, workers = env.per_process(args.batch_size, args.workers)
-        options = KnnOptions.from_args(args)
-        acc = knn_accuracy(model, args.data, env, options, max(batch_size, 1), workers)
+        options = knn_options(args)
+        acc = knn_accuracy(model, args.data, env, options, batch_size, workers)
         logger.info(f" * kNN Acc@1 {acc:.2f}")
         return acc
     finally:

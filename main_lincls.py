@@ -25,6 +25,7 @@ from moco.cli import (
     add_launch_arguments,
     add_training_arguments,
     check_ranges,
+    launch_settings,
     run_cli,
 )
 from moco.data import (
@@ -34,7 +35,6 @@ from moco.data import (
     check_val_folder,
 )
 from moco.distributed import (
-    Launch,
     all_reduce_sum,
     cleanup,
     init_distributed,
@@ -98,7 +98,7 @@ def check_args(args):
         },
     )
     check_arch(args.arch, small_stem=args.small_stem)
-    Launch.from_args(args).check(args.batch_size)
+    launch_settings(args).check(args.batch_size)
     ckpt.check_output_dir(args.output_dir)
 
 
@@ -162,11 +162,11 @@ def main(args):
     classes, _ = check_image_folder(os.path.join(args.data, "train"), "training data")
     check_val_folder(args.data)
     check_resume(args, len(classes))
-    return launch(main_worker, Launch.from_args(args), args)
+    return launch(main_worker, launch_settings(args), args)
 
 
 def main_worker(local_rank, procs_per_node, args):
-    env = init_distributed(local_rank, procs_per_node, Launch.from_args(args))
+    env = init_distributed(local_rank, procs_per_node, launch_settings(args))
     try:
         return run(env, args)
     finally:

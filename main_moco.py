@@ -29,20 +29,22 @@ from moco.cli import (
     add_launch_arguments,
     add_training_arguments,
     check_ranges,
+    knn_options,
+    launch_settings,
     run_cli,
 )
 from moco.data import EpochSampler, SeededImageFolder, check_image_folder
 from moco.distributed import (
     PREEMPTED_EXIT_CODE,
-    Launch,
     StopSignal,
     any_process,
+    barrier,
     cleanup,
     init_distributed,
     launch,
     shared_seed,
 )
-from moco.knn import KnnOptions, check_knn_data, knn_accuracy
+from moco.knn import check_knn_data, knn_accuracy
 from moco.loader import AUG_IMPLS, RECIPES, normalization, pretrain_transform
 from moco.meters import AverageMeter, JsonLogger, ProgressMeter, record_step
 from moco.models import build_encoder, check_arch
@@ -205,11 +207,12 @@ def check_args(args):
     if args.aug_plus and args.aug not in (None, "v2"):
         raise UsageError(f"--aug-plus is --aug v2; drop one of it and --aug {args.aug}")
     check_arch(args.arch, args.mlp, args.small_stem)
-    settings = Launch.from_args(args)
+    settings = launch_settings(args)
     settings.check(args.batch_size)
-    KnnOptions.from_args(args)
+    # refuses a --knn-k or --knn-t out of range
+    knn_options(args)
     if args.knn_freq:
-        check_knn_data(args.data)
+        check_knn_data(args.data, args.input_size if args.knn_crop == "none" else None)
 
     per_proc = args.batch_size // settings.processes_per_node()
     if per_proc % args.bn_splits:
@@ -241,7 +244,7 @@ def check_args(args):
 def main(args):
     check_args(args)
     _, n_images = check_image_folder(os.path.join(args.data, "train"), "training data")
-    settings = Launch.from_args(args)
+    settings = launch_settings(args)
     world_size = settings.total_processes()
     per_proc = args.batch_size // settings.processes_per_node()
     if math.ceil(n_images / world_size) < per_proc:
@@ -253,7 +256,7 @@ def main(args):
 
 
 def main_worker(local_rank, procs_per_node, args):
-    env = init_distributed(local_rank, procs_per_node, Launch.from_args(args))
+    env = init_distributed(local_rank, procs_per_node, launch_settings(args))
     batch_size, workers = env.per_process(args.batch_size, args.workers)
     seed_everything(args.seed)
 
@@ -296,30 +299,14 @@ def main_worker(local_rank, procs_per_node, args):
     )
 
     # optionally resume from a checkpoint
-    start_epoch, start_iter = args.start_epoch, 0
-    path = ckpt.resume_path(args.resume, args.output_dir)
-    if path:
-        logger.info(f"=> loading checkpoint '{path}'")
-        start_epoch, start_iter = checkpointer.resume(path, env.device)
-        logger.info(
-            f"=> loaded checkpoint '{path}' (epoch {start_epoch}, step {start_iter})"
-        )
-    elif args.resume == "auto":
-        logger.info(
-            f"=> no checkpoint in '{args.output_dir}' yet: starting from scratch"
-        )
+    start_epoch, start_iter = checkpointer.resume_if_asked(
+        args.resume, env.device, args.start_epoch
+    )
 
     # Data loading code
-    train_loader = create_loader(args, checkpointer.data_seed, env, batch_size, workers)
-    augment = None
-    if args.aug_impl == "batched":
-        mean, std = normalization(args.normalize)
-        augment = BatchAugment(recipe(args), args.input_size, mean, std)
-        if env.device.type == "cpu":
-            logger.warning(
-                "=> --aug-impl batched on the CPU: the same crops as --aug-impl fast, "
-                "made in the training process (slower here; it is meant for GPUs)"
-            )
+    train_loader, augment = create_loader(
+        args, checkpointer.data_seed, env, batch_size, workers
+    )
 
     log = JsonLogger(
         os.path.join(args.output_dir, "log.jsonl"),
@@ -339,8 +326,8 @@ def main_worker(local_rank, procs_per_node, args):
                 optimizer, epoch, args.lr, args.epochs, args.schedule, args.cos
             )
 
-            # train for one epoch
-            stopped = train(
+            # train for one epoch; stop: every process agreed to stop on a signal
+            completed, stop_now = train(
                 train_loader,
                 model_ddp,
                 criterion,
@@ -355,9 +342,12 @@ def main_worker(local_rank, procs_per_node, args):
                 log=log,
                 augment=augment,
             )
-            if stopped:
+            if completed:
+                checkpointer.save_epoch(epoch)
+            if stop_now:
+                # no process leaves before process 0 has written its checkpoint
+                barrier()
                 raise SystemExit(PREEMPTED_EXIT_CODE)
-            checkpointer.save_epoch(epoch)
 
             if args.knn_freq and (epoch + 1) % args.knn_freq == 0:
                 knn_monitor(model.encoder_q, args, env, epoch, log)
@@ -398,10 +388,20 @@ def create_model(args, device):
 
 def create_loader(args, data_seed, env, batch_size, workers):
     """
-    Pairs of crops of DIR/train, this process's share, in a resumable order; with
-    --aug-impl batched, the files' bytes and the crops' random draws.
+    Pairs of crops of DIR/train, this process's share, in a resumable order, and None;
+    with --aug-impl batched, the files' bytes and the crops' random draws, and the
+    BatchAugment that makes the crops from them on the device.
     """
     batched = args.aug_impl == "batched"
+    augment = None
+    if batched:
+        mean, std = normalization(args.normalize)
+        augment = BatchAugment(recipe(args), args.input_size, mean, std)
+        if env.device.type == "cpu":
+            logger.warning(
+                "=> --aug-impl batched on the CPU: the same crops as --aug-impl fast, "
+                "made in the training process (slower here; it is meant for GPUs)"
+            )
     if batched:
         transform = ReadAndSample(recipe(args), args.input_size)
     else:
@@ -418,7 +418,7 @@ def create_loader(args, data_seed, env, batch_size, workers):
     train_sampler = EpochSampler(
         train_dataset, env.world_size, env.rank, data_seed=data_seed
     )
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         train_dataset,
         batch_size=batch_size,
         sampler=train_sampler,
@@ -429,6 +429,7 @@ def create_loader(args, data_seed, env, batch_size, workers):
         # the loader's own seed does not touch torch's state
         generator=torch.Generator(),
     )
+    return loader, augment
 
 
 def train(
@@ -448,7 +449,8 @@ def train(
     augment=None,
 ):
     """
-    One epoch from step `first`; returns True when stopped by a signal (checkpointed).
+    One epoch from step `first`. Returns (whether the epoch was completed, whether to
+    stop); stopped by a signal within the epoch, it has saved where it stopped.
     augment: a BatchAugment that makes the crops on the device (--aug-impl batched).
     """
     batch_time = AverageMeter("Time", ":6.3f")
@@ -473,6 +475,7 @@ def train(
     # switch to train mode
     model.train()
 
+    stop_now = False
     epoch_start = end = time.time()
     for i, (images, _) in enumerate(train_loader, start=first):
         # measure data loading time
@@ -535,12 +538,15 @@ def train(
 
         steps_done = i + 1
         if stop_now:
-            checkpointer.save_mid_epoch(epoch, steps_done)
             logger.info(
                 f"=> stopped by a signal at epoch {epoch} step {steps_done}; resume "
                 f"with --resume auto --output-dir {args.output_dir}"
             )
-            return True
+            # at the epoch's last step the epoch is complete: saved as every epoch is
+            if steps_done < total:
+                checkpointer.save_mid_epoch(epoch, steps_done)
+                return False, True
+            break
         if args.save_freq and steps_done % args.save_freq == 0 and steps_done < total:
             checkpointer.save_mid_epoch(epoch, steps_done)
 
@@ -561,7 +567,7 @@ def train(
     skipped = int(train_loader.dataset.skipped)
     if skipped:
         logger.warning(f"=> {skipped} unreadable image(s) skipped so far")
-    return False
+    return True, stop_now
 
 
 def train_step(
@@ -640,7 +646,7 @@ def print_summary(args, env, train_loader):
 def knn_monitor(encoder, args, env, epoch, log):
     """kNN accuracy of the query encoder, printed and logged."""
     batch_size, workers = env.per_process(args.batch_size, args.workers)
-    options = KnnOptions.from_args(args)
+    options = knn_options(args)
     acc = knn_accuracy(
         encoder, args.data, env, options, batch_size, workers, args.skip_bad_images
     )
@@ -648,7 +654,8 @@ def knn_monitor(encoder, args, env, epoch, log):
         f" * kNN Acc@1 {acc:.2f} (epoch {epoch}, {args.knn_features} features, "
         f"k {args.knn_k}, t {args.knn_t})"
     )
-    log.log({"kind": "knn", "epoch": epoch, "knn_acc1": acc}, step=epoch + 1)
+    record = {"kind": "knn", "epoch": epoch, "knn_acc1": acc}
+    log.log({**record, "features": args.knn_features}, step=epoch + 1)
 
 
 if __name__ == "__main__":

@@ -31,16 +31,11 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from moco.data import BadImageError, load_image
 from moco.fast_augment import FastTwoCrops, _box_blur_radius, _box_weights
-from moco.loader import RECIPES, pretrain_augmentation
+from moco.loader import check_recipe
 from moco.utils import logger
 
 # the start of every JPEG file: SOI and the first marker's 0xFF
 JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def _check_recipe(recipe):
-    if recipe not in RECIPES:
-        pretrain_augmentation(recipe)  # raises, naming the recipes
 
 
 # --- worker side: bytes and random draws -------------------------------------------
@@ -69,7 +64,7 @@ class ReadAndSample:
     """
 
     def __init__(self, recipe, size):
-        _check_recipe(recipe)
+        check_recipe(recipe)
         # only its sample() is used: the normalisation is BatchAugment's
         self.crops = FastTwoCrops(recipe, size, [0.0] * 3, [1.0] * 3)
         # shared by the loader workers, so that the message is given once
@@ -113,7 +108,7 @@ class BatchAugment:
     """
 
     def __init__(self, recipe, size, mean, std):
-        _check_recipe(recipe)
+        check_recipe(recipe)
         self.recipe = recipe
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)

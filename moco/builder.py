@@ -83,9 +83,14 @@ class MoCo(nn.Module):
         # The original's `param_k.data = param_k.data * m + param_q.data * (1 - m)`
         # allocates two new tensors per parameter every step; updating in place with
         # a workspace for q * (1 - m) gives the same numbers bit for bit (an add with
-        # alpha would round once, as a fused multiply-add) and made a whole ResNet-18
-        # step on the CPU 3 to 7% faster (bench/step.py --original).
-        if self._scratch is None or self._scratch[0].device != params_q[0].device:
+        # alpha would round once, as a fused multiply-add). With one process this is
+        # what bench/step.py --original changes in the step, and its whole ResNet-18
+        # CPU step was 3 to 7% slower than this one.
+        s = self._scratch
+        if s is None or (s[0].device, s[0].dtype) != (
+            params_q[0].device,
+            params_q[0].dtype,
+        ):
             self._scratch = [torch.empty_like(p) for p in params_q]
         torch._foreach_copy_(self._scratch, params_q)
         torch._foreach_mul_(self._scratch, 1.0 - self.m)

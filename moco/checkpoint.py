@@ -15,7 +15,8 @@ import shutil
 import numpy as np
 import torch
 
-from moco.utils import UsageError
+from moco.distributed import broadcast_object
+from moco.utils import UsageError, logger
 
 # prefixes under which a MoCo file holds its query encoder
 ENCODER_PREFIXES = (
@@ -166,14 +167,16 @@ def encoder_state_dict(obj, path="checkpoint", keep_head=False):
     return encoder, prefix
 
 
-def load_encoder(model, path, arch=None, what="--pretrained"):
+def load_encoder(model, path, arch=None, what="--pretrained", obj=None):
     """
     Load the backbone of the checkpoint at `path` (any flavour encoder_state_dict reads)
     into `model`, a torchvision model whose head `fc` is left as it is. Refuses a file of
     another architecture, or with missing, extra or differently shaped tensors, with a
     one-line CheckpointError. Returns the backbone state_dict that was loaded.
+    obj: the file's contents, when the caller has read it already.
     """
-    obj = load_checkpoint(path, what=what)
+    if obj is None:
+        obj = load_checkpoint(path, what=what)
     file_arch = obj.get("arch") if isinstance(obj, dict) else None
     if arch and isinstance(file_arch, str) and file_arch != arch:
         raise CheckpointError(
@@ -354,6 +357,25 @@ class Checkpointer:
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, os.path.join(self.output_dir, name))
+
+    def resume_if_asked(self, resume, device, start_epoch=0):
+        """
+        --resume: a path, 'auto' (the newest valid file in output_dir) or ''. Loads it
+        (process 0's choice on every process: one that cannot read it says so in one
+        line); returns (completed epochs, steps done in the next epoch) to start from.
+        """
+        path = resume_path(resume, self.output_dir) if self.enabled else None
+        path = broadcast_object(path)
+        if path:
+            logger.info(f"=> loading checkpoint '{path}'")
+            epoch, step = self.resume(path, device)
+            logger.info(f"=> loaded checkpoint '{path}' (epoch {epoch}, step {step})")
+            return epoch, step
+        if resume == "auto":
+            logger.info(
+                f"=> no checkpoint in '{self.output_dir}' yet: starting from scratch"
+            )
+        return start_epoch, 0
 
     def resume(self, path, device):
         """

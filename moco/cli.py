@@ -6,11 +6,13 @@ of moco/distributed.py and the image flags below.
 """
 
 import sys
+from dataclasses import fields
 
-from moco.knn import CROPS, FEATURES
+from moco.distributed import Launch
+from moco.knn import CROPS, FEATURES, KnnOptions
 from moco.loader import NORMALIZATIONS
 from moco.models import model_names
-from moco.utils import NonFiniteLossError, UsageError, one_line
+from moco.utils import ONE_LINE_ERRORS, UsageError, one_line
 
 
 def run_cli(main, parser):
@@ -21,7 +23,7 @@ def run_cli(main, parser):
     args = parser.parse_args()
     try:
         return main(args)
-    except (UsageError, NonFiniteLossError) as e:
+    except ONE_LINE_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
@@ -248,4 +250,21 @@ def add_knn_arguments(parser):
         help="center: resize to input-size*256/224 and take the centre crop, as "
         "ImageNet is evaluated (default); none: each image as it is, for data already "
         "at --input-size (32-px CIFAR images, as the CIFAR-10 demo)",
+    )
+
+
+def launch_settings(args):
+    """The launch flags' values."""
+    return Launch(**{f.name: getattr(args, f.name) for f in fields(Launch)})
+
+
+def knn_options(args):
+    """The kNN flags' values (and the image size and normalisation they go with)."""
+    return KnnOptions(
+        args.knn_k,
+        args.knn_t,
+        args.knn_features,
+        args.knn_crop,
+        args.normalize,
+        args.input_size,
     )

@@ -14,13 +14,13 @@ import os
 import random
 import signal
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moco.utils import UsageError, logger, one_line, setup_logging
+from moco.utils import ONE_LINE_ERRORS, UsageError, logger, one_line, setup_logging
 
 # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume it
 PREEMPTED_EXIT_CODE = 75
@@ -38,10 +38,6 @@ class Launch:
     multiprocessing_distributed: bool = False
     procs_per_node: int = 0
     dist_timeout: int = 1800
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     def processes_per_node(self):
         """Processes this node runs: LOCAL_WORLD_SIZE under torchrun, else one per GPU."""
@@ -136,7 +132,7 @@ class DistEnv:
 def _spawned_worker(local_rank, main_worker, nprocs, args):
     try:
         main_worker(local_rank, nprocs, *args)
-    except UsageError as e:
+    except ONE_LINE_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
@@ -226,6 +222,12 @@ def init_distributed(local_rank, procs_per_node, settings):
 
 def get_world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier():
+    """Wait for every process; nothing to wait for with one."""
+    if get_world_size() > 1:
+        dist.barrier()
 
 
 def all_reduce_sum(tensor):

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
+from torchvision.datasets import ImageFolder
 
 from moco.checkpoint import (
     HEAD_PREFIX,
@@ -35,7 +36,7 @@ from moco.checkpoint import (
     load_checkpoint,
     load_encoder,
 )
-from moco.data import SeededImageFolder, check_val_folder
+from moco.data import SeededImageFolder, check_val_folder, load_image
 from moco.distributed import all_gather_rows, get_world_size, shard_range
 from moco.loader import eval_transforms
 from moco.models import build_encoder
@@ -49,10 +50,11 @@ FEATURES = ("backbone", "head")
 CROPS = ("center", "none")
 
 
-def check_knn_data(data_dir):
+def check_knn_data(data_dir, size=None):
     """
     DATA/val (the queries) with the classes of DATA/train (the memory bank; its images
-    are checked by the caller). Returns the number of query images.
+    are checked by the caller). With `size` (--knn-crop none: images as they are), the
+    first image of each split must be size x size. Returns the number of query images.
     """
     val = os.path.join(data_dir, "val")
     if not os.path.isdir(val):
@@ -60,7 +62,17 @@ def check_knn_data(data_dir):
             f"kNN evaluation needs {val!r} (the queries; DATA/train is the memory "
             "bank): add a val folder with the classes of train"
         )
-    return check_val_folder(data_dir)
+    n = check_val_folder(data_dir)
+    for split in ("train", "val") if size else ():
+        path, _ = ImageFolder(os.path.join(data_dir, split)).samples[0]
+        found = load_image(path).size
+        if found != (size, size):
+            raise UsageError(
+                f"--knn-crop none takes the images as they are, but {path!r} is "
+                f"{found[0]}x{found[1]}, not {size}x{size} (--input-size): use "
+                "--knn-crop center"
+            )
+    return n
 
 
 def feature_extractor(encoder, features="backbone"):
@@ -233,7 +245,7 @@ def _share_loader(dataset, env, batch_size, workers):
 
 @dataclass(frozen=True)
 class KnnOptions:
-    """What the kNN classifier is given: see moco.cli.add_knn_arguments."""
+    """What the kNN classifier is given (moco.cli.add_knn_arguments)."""
 
     k: int = 200
     t: float = 0.1
@@ -247,17 +259,6 @@ class KnnOptions:
             raise UsageError(f"--knn-k must be positive, got {self.k}")
         if self.t <= 0:
             raise UsageError(f"--knn-t must be positive, got {self.t}")
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(
-            args.knn_k,
-            args.knn_t,
-            args.knn_features,
-            args.knn_crop,
-            args.normalize,
-            args.input_size,
-        )
 
 
 def knn_accuracy(encoder, data_dir, env, options, batch_size, workers, skip_bad=False):
@@ -274,9 +275,8 @@ def knn_accuracy(encoder, data_dir, env, options, batch_size, workers, skip_bad=
     bank_set = SeededImageFolder(
         os.path.join(data_dir, "train"), transform, skip_bad=skip_bad
     )
-    query_set = SeededImageFolder(
-        os.path.join(data_dir, "val"), transform, skip_bad=skip_bad
-    )
+    # every query counts: an unreadable one is an error, not skipped
+    query_set = SeededImageFolder(os.path.join(data_dir, "val"), transform)
 
     bank, bank_labels = extract_features(
         model, _share_loader(bank_set, env, batch_size, workers), env.device
@@ -307,24 +307,41 @@ def knn_accuracy(encoder, data_dir, env, options, batch_size, workers, skip_bad=
     return acc
 
 
+# the heads of MoCo v1 (one linear layer) and v2 (--mlp: linear, ReLU, linear)
+MOCO_HEADS = (
+    {"fc.weight", "fc.bias"},
+    {f"fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
+)
+
+
 def load_encoder_with_head(path, arch, small_stem=False):
     """The query encoder of a MoCo checkpoint with its head, linear or MLP (--mlp)."""
-    model = build_encoder(arch, small_stem=small_stem)
-    load_encoder(model, path, arch)
-    state_dict, _ = encoder_state_dict(load_checkpoint(path), path, keep_head=True)
+    obj = load_checkpoint(path, what="--pretrained")
+    state_dict, _ = encoder_state_dict(obj, path, keep_head=True)
     head = {k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
-    weights = [head[k] for k in sorted(head) if k.endswith("weight")]
-    if not weights:
-        raise UsageError(f"{path!r} holds no head (fc.*): use --knn-features backbone")
-    layers = []
-    for w in weights:
-        layers += [nn.Linear(w.shape[1], w.shape[0]), nn.ReLU()]
-    # names as MoCo's: fc.weight for a linear head, fc.0.* and fc.2.* for the MLP
-    model.fc = layers[0] if len(weights) == 1 else nn.Sequential(*layers[:-1])
+    if set(head) not in MOCO_HEADS or any(
+        v.dim() != 2 for k, v in head.items() if k.endswith("weight")
+    ):
+        raise UsageError(
+            f"{path!r} holds no MoCo v1/v2 head (fc.* is {sorted(head)[:4] or 'absent'}); "
+            "use --knn-features backbone"
+        )
+    model = build_encoder(arch, small_stem=small_stem)
+    load_encoder(model, path, arch, obj=obj)
+    if "fc.weight" in head:
+        out_dim, in_dim = head["fc.weight"].shape
+        model.fc = nn.Linear(in_dim, out_dim)
+    else:
+        hidden, in_dim = head["fc.0.weight"].shape
+        out_dim = head["fc.2.weight"].shape[0]
+        # names as MoCo's: fc.0.* and fc.2.*
+        model.fc = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+        )
     try:
         model.fc.load_state_dict(
             {k.removeprefix(HEAD_PREFIX): v for k, v in head.items()}
         )
     except RuntimeError:
-        raise UsageError(f"{path!r}: its head (fc.*) is not a MoCo head") from None
+        raise UsageError(f"{path!r}: its head (fc.*) does not fit -a {arch}") from None
     return model

@@ -52,6 +52,11 @@ class GaussianBlur:
         return x.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
+def check_recipe(recipe):
+    if recipe not in RECIPES:
+        raise UsageError(f"unknown augmentation {recipe!r}; use one of {RECIPES}")
+
+
 def pretrain_augmentation(recipe="v1", size=224, normalize="imagenet"):
     """One crop's augmentation of a recipe: "v1", "v2" (--aug-plus) or "cifar10"."""
     mean, std = normalization(normalize)
@@ -83,7 +88,7 @@ def pretrain_augmentation(recipe="v1", size=224, normalize="imagenet"):
             transforms.RandomGrayscale(p=0.2),
         ]
     else:
-        raise UsageError(f"unknown augmentation {recipe!r}; use one of {RECIPES}")
+        check_recipe(recipe)
     return transforms.Compose(augmentation + [transforms.ToTensor(), normalize])
 
 
@@ -95,8 +100,7 @@ def pretrain_transform(recipe="v1", size=224, impl="original", normalize="imagen
     if impl == "original":
         return TwoCropsTransform(pretrain_augmentation(recipe, size, normalize))
     if impl == "fast":
-        if recipe not in RECIPES:
-            pretrain_augmentation(recipe)  # raises, naming the recipes
+        check_recipe(recipe)
         return FastTwoCrops(recipe, size, *normalization(normalize))
     raise UsageError(
         f"unknown augmentation implementation {impl!r}; use one of {TRANSFORM_IMPLS}"

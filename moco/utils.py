@@ -20,6 +20,10 @@ class NonFiniteLossError(Exception):
     """The loss became NaN or infinite: training stopped before the update, exit 2."""
 
 
+# reported as one line and exit status 2, in every process
+ONE_LINE_ERRORS = (UsageError, NonFiniteLossError)
+
+
 def seed_everything(seed):
     """
     Seed Python, NumPy and torch when `seed` is given; convolution algorithms are then

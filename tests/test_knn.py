@@ -342,3 +342,31 @@ def test_head_features_without_a_checkpoint_are_refused(tmp_path):
     data = make_image_folder(tmp_path / "d", classes=2, per_class=2, size=8)
     with pytest.raises(UsageError, match="--knn-features head needs --pretrained"):
         main_knn.main(knn_args(data, "--knn-features", "head"))
+
+
+def test_images_as_they_are_must_be_the_input_size(tmp_path):
+    data = make_image_folder(tmp_path / "d", classes=2, per_class=2, size=20)
+    with pytest.raises(UsageError, match=r"is 20x20, not 32x32 .*--knn-crop center"):
+        main_knn.main(knn_args(data, "--knn-crop", "none", "--input-size", "32"))
+    assert knn.check_knn_data(data, size=20) == 4
+
+
+def test_a_head_that_is_not_moco_v1_or_v2_is_refused_in_one_line(tmp_path):
+    from moco import checkpoint as ckpt
+    from moco.builder import MoCo
+
+    torch.manual_seed(0)
+    model = MoCo(
+        lambda num_classes: build_encoder("resnet18", num_classes, small_stem=True),
+        dim=16,
+        K=32,
+        mlp=True,
+    )
+    # a MoCo v3 head: linear, BatchNorm, ReLU, linear
+    fc = model.encoder_q.fc
+    model.encoder_q.fc = nn.Sequential(fc[0], nn.BatchNorm1d(512), fc[1], fc[2])
+    path = tmp_path / "v3.pth.tar"
+    state = {"state_dict": ckpt.with_module_prefix(model.state_dict())}
+    torch.save(state, path)
+    with pytest.raises(UsageError, match="holds no MoCo v1/v2 head"):
+        knn.load_encoder_with_head(str(path), "resnet18", small_stem=True)

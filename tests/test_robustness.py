@@ -1,5 +1,6 @@
 """Never lose a run: kills, signals, bad data, bad arguments, bad files, NaN, dead ranks."""
 
+import json
 import os
 import random
 import signal
@@ -215,6 +216,56 @@ def test_a_non_finite_loss_stops_before_any_bad_state_is_written(
         if v.is_floating_point()
     )
     assert not os.path.exists(tmp_path / "checkpoint_0000.pth.tar")
+
+
+def test_a_non_finite_loss_in_a_spawned_process_ends_in_one_line(capfd):
+    from moco.distributed import _spawned_worker
+
+    def worker(local_rank, nprocs, message):
+        raise NonFiniteLossError(message)
+
+    with pytest.raises(SystemExit) as e:
+        _spawned_worker(0, worker, 2, ("the loss became nan at epoch 0 step 2",))
+    assert e.value.code == 2
+    assert capfd.readouterr().err == "error: the loss became nan at epoch 0 step 2\n"
+
+
+class StopAtStep:
+    """A StopSignal whose signal arrives during the given step (counted from 1)."""
+
+    def __init__(self, step):
+        self.step, self.steps = step, 0
+
+    @property
+    def received(self):
+        self.steps += 1
+        return signal.SIGTERM if self.steps == self.step else None
+
+    def restore(self):
+        pass
+
+
+def test_a_signal_at_an_epochs_last_step_saves_the_epoch_and_resumes_after_it(
+    image_folder, tmp_path, monkeypatch
+):
+    run_moco(image_folder, tmp_path / "whole", epochs=EPOCHS)
+    out = tmp_path / "stopped"
+    # 3 steps an epoch: the signal comes during the first epoch's last step
+    monkeypatch.setattr(main_moco, "StopSignal", lambda: StopAtStep(3))
+    with pytest.raises(SystemExit) as e:
+        run_moco(image_folder, out, epochs=EPOCHS)
+    assert e.value.code == 75
+    assert load(out / "checkpoint_0000.pth.tar")["epoch"] == 1
+    assert not os.path.exists(out / ckpt.LAST_NAME)
+    monkeypatch.undo()
+    run_moco(image_folder, out, "--resume", "auto", epochs=EPOCHS)
+    final = f"checkpoint_{EPOCHS - 1:04d}.pth.tar"
+    assert_same_state(load(tmp_path / "whole" / final), load(out / final))
+    # every epoch record is of an epoch that ran: none of zero steps
+    with open(out / "log.jsonl") as f:
+        epochs = [r for r in map(json.loads, f) if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == list(range(EPOCHS))
+    assert all(r["loss"] > 0 for r in epochs)
 
 
 def test_a_malicious_checkpoint_is_refused_and_runs_nothing(image_folder, tmp_path):

@@ -14,6 +14,8 @@ import shutil
 import socket
 import tarfile
 
+from torchvision.datasets import CIFAR10
+
 from moco.cli import run_cli
 from moco.utils import UsageError, logger, setup_logging
 
@@ -79,8 +81,6 @@ def from_data(data, cache_dir):
 
 def download(cache_dir, timeout=20):
     """torchvision's CIFAR-10, written once as an ImageFolder of PNGs; its root."""
-    from torchvision.datasets import CIFAR10
-
     out = os.path.join(cache_dir, CACHED)
     raw = os.path.join(cache_dir, "download")
     previous = socket.getdefaulttimeout()

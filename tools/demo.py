@@ -7,7 +7,7 @@
    --shapes, it draws the shapes dataset of tools/shapes.py instead, and says so;
 2. pretrains a ResNet-18 with main_moco.py: the official CIFAR-10 demo's recipe
    (small-image stem, 8-way split BatchNorm, its augmentation, K, m, T, weight decay,
-   cosine schedule) on fewer images and epochs, with its kNN monitor every epoch;
+   cosine schedule) on fewer images and epochs;
 3. evaluates the pretrained encoder and a randomly initialised one with main_knn.py
    and main_lincls.py (the linear probe on frozen features);
 4. prints the table and plots the run to OUTPUT/curves.png (needs matplotlib).
@@ -19,7 +19,6 @@ programs, called in-process with the arguments printed before each step.
 import argparse
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -365,4 +364,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, get_args_parser()) and 0)
+    run_cli(main, get_args_parser())

@@ -115,11 +115,12 @@ def plot_log(output_dir, out=None, moco_k=None, references=None):
     ax_lr.set_title("learning rate")
 
     if knn:
+        features = knn[-1].get("features")
         ax_knn.plot(
             [r["epoch"] + 1 for r in knn],
             [r["knn_acc1"] for r in knn],
             "o-",
-            label="kNN acc@1 (val)",
+            label="kNN acc@1 (val" + (f", {features} features)" if features else ")"),
         )
     for i, (label, value) in enumerate((references or {}).items()):
         ax_knn.axhline(value, ls="--", c=f"C{i + 1}", label=f"{label}: {value:.1f}")
