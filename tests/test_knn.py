@@ -314,24 +314,32 @@ def test_small_images_keep_their_size_without_the_centre_crop():
     assert center[0].size == 37
 
 
-@pytest.mark.parametrize("mlp", [False, True])
-def test_head_features_of_a_checkpoint_are_the_query_encoders_output(tmp_path, mlp):
-    from moco import checkpoint as ckpt
+def small_moco(mlp):
+    """A seeded MoCo on a small-stem ResNet-18 with a 16-d head (v2's MLP with mlp)."""
     from moco.builder import MoCo
 
     torch.manual_seed(0)
-    model = MoCo(
+    return MoCo(
         lambda num_classes: build_encoder("resnet18", num_classes, small_stem=True),
         dim=16,
         K=32,
         mlp=mlp,
     )
-    path = tmp_path / "moco.pth.tar"
-    state = {
-        "arch": "resnet18",
-        "state_dict": ckpt.with_module_prefix(model.state_dict()),
-    }
+
+
+def save_moco(model, path, **extra):
+    """The model as main_moco.py saves it: state_dict keys with the `module.` prefix."""
+    from moco import checkpoint as ckpt
+
+    state = {"state_dict": ckpt.with_module_prefix(model.state_dict()), **extra}
     torch.save(state, path)
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_head_features_of_a_checkpoint_are_the_query_encoders_output(tmp_path, mlp):
+    model = small_moco(mlp)
+    path = tmp_path / "moco.pth.tar"
+    save_moco(model, path, arch="resnet18")
     loaded = knn.load_encoder_with_head(str(path), "resnet18", small_stem=True)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -352,21 +360,11 @@ def test_images_as_they_are_must_be_the_input_size(tmp_path):
 
 
 def test_a_head_that_is_not_moco_v1_or_v2_is_refused_in_one_line(tmp_path):
-    from moco import checkpoint as ckpt
-    from moco.builder import MoCo
-
-    torch.manual_seed(0)
-    model = MoCo(
-        lambda num_classes: build_encoder("resnet18", num_classes, small_stem=True),
-        dim=16,
-        K=32,
-        mlp=True,
-    )
+    model = small_moco(mlp=True)
     # a MoCo v3 head: linear, BatchNorm, ReLU, linear
     fc = model.encoder_q.fc
     model.encoder_q.fc = nn.Sequential(fc[0], nn.BatchNorm1d(512), fc[1], fc[2])
     path = tmp_path / "v3.pth.tar"
-    state = {"state_dict": ckpt.with_module_prefix(model.state_dict())}
-    torch.save(state, path)
+    save_moco(model, path)
     with pytest.raises(UsageError, match="holds no MoCo v1/v2 head"):
         knn.load_encoder_with_head(str(path), "resnet18", small_stem=True)
