@@ -393,8 +393,8 @@ def create_loader(args, data_seed, env, batch_size, workers):
     BatchAugment that makes the crops from them on the device.
     """
     batched = args.aug_impl == "batched"
-    augment = None
     if batched:
+        transform = ReadAndSample(recipe(args), args.input_size)
         mean, std = normalization(args.normalize)
         augment = BatchAugment(recipe(args), args.input_size, mean, std)
         if env.device.type == "cpu":
@@ -402,12 +402,11 @@ def create_loader(args, data_seed, env, batch_size, workers):
                 "=> --aug-impl batched on the CPU: the same crops as --aug-impl fast, "
                 "made in the training process (slower here; it is meant for GPUs)"
             )
-    if batched:
-        transform = ReadAndSample(recipe(args), args.input_size)
     else:
         transform = pretrain_transform(
             recipe(args), args.input_size, args.aug_impl, args.normalize
         )
+        augment = None
     train_dataset = SeededImageFolder(
         os.path.join(args.data, "train"),
         transform,
