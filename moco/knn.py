@@ -240,6 +240,8 @@ def _share_loader(dataset, env, batch_size, workers):
         shuffle=False,
         num_workers=workers,
         pin_memory=env.device.type == "cuda",
+        # the loader's own seed: measuring between epochs leaves training's draws alone
+        generator=torch.Generator(),
     )
 
 
