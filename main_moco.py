@@ -470,6 +470,12 @@ def train(
         torch.channels_last if args.channels_last else torch.contiguous_format
     )
     lr = optimizer.param_groups[0]["lr"]
+    averaged = (losses, top1, top5)
+    if first:  # resumed within the epoch: its averages go on from the file's sums
+        for meter in averaged:
+            if meter.name in checkpointer.meters:
+                meter.load_state(checkpointer.meters[meter.name])
+    images_before = losses.count
 
     # switch to train mode
     model.train()
@@ -509,7 +515,7 @@ def train(
 
         # acc1/acc5 are (K+1)-way contrast classifier accuracy
         # measure accuracy and record loss
-        record_step((losses, top1, top5), output, target, loss_value, im_q.size(0))
+        record_step(averaged, output, target, loss_value, im_q.size(0))
 
         # measure elapsed time
         batch_time.update(time.time() - end)
@@ -543,11 +549,11 @@ def train(
             )
             # at the epoch's last step the epoch is complete: saved as every epoch is
             if steps_done < total:
-                checkpointer.save_mid_epoch(epoch, steps_done)
+                checkpointer.save_mid_epoch(epoch, steps_done, averaged)
                 return False, True
             break
         if args.save_freq and steps_done % args.save_freq == 0 and steps_done < total:
-            checkpointer.save_mid_epoch(epoch, steps_done)
+            checkpointer.save_mid_epoch(epoch, steps_done, averaged)
 
     elapsed = time.time() - epoch_start
     record = {
@@ -558,7 +564,9 @@ def train(
         "acc5": top5.avg,
         "lr": lr,
         "epoch_time_s": elapsed,
-        "images_per_s": losses.count * env.world_size / max(elapsed, 1e-9),
+        "images_per_s": (losses.count - images_before)
+        * env.world_size
+        / max(elapsed, 1e-9),
         "data_share": data_time.sum / max(batch_time.sum, 1e-9),
         "eta_s": elapsed * (args.epochs - epoch - 1),
     }

@@ -299,7 +299,8 @@ class Checkpointer:
     The checkpoints of a pretraining run in `output_dir`, in the original's format
     (epoch, arch, state_dict with 'module.' names, optimizer) plus what an exact resume
     needs: the step within the epoch (iter), the random states, the data seed, the
-    gradient scaler and the arguments. Only the process with `enabled` writes.
+    gradient scaler, the arguments and, mid-epoch, the epoch's meter sums. Only the
+    process with `enabled` writes.
     """
 
     def __init__(
@@ -325,6 +326,8 @@ class Checkpointer:
         self.enabled = enabled
         # the seed of the augmentations; a resumed run takes its file's
         self.data_seed = data_seed
+        # the epoch's meters so far, from a mid-epoch file resumed
+        self.meters = {}
 
     def save_epoch(self, epoch):
         """After epoch `epoch` (from 0): checkpoint_{epoch:04d}.pth.tar holds epoch + 1."""
@@ -337,12 +340,16 @@ class Checkpointer:
             os.remove(last)
         remove_old_checkpoints(self.output_dir, self.keep_last)
 
-    def save_mid_epoch(self, epoch, steps_done):
-        """Within epoch `epoch`, after `steps_done` of its steps: checkpoint_last."""
+    def save_mid_epoch(self, epoch, steps_done, meters=()):
+        """
+        Within epoch `epoch`, after `steps_done` of its steps: checkpoint_last, with the
+        sums of the epoch's AverageMeters so far, for whole-epoch averages on resume.
+        """
         if self.enabled:
-            self._save(epoch, steps_done, LAST_NAME)
+            sums = {meter.name: meter.state() for meter in meters}
+            self._save(epoch, steps_done, LAST_NAME, sums)
 
-    def _save(self, epoch, steps_done, name):
+    def _save(self, epoch, steps_done, name, meters=None):
         state = {
             # completed epochs, and steps done in the epoch in progress
             "epoch": epoch,
@@ -354,6 +361,8 @@ class Checkpointer:
             "data_seed": self.data_seed,
             "rng": get_rng_state(),
         }
+        if meters:
+            state["meters"] = meters
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, os.path.join(self.output_dir, name))
@@ -387,6 +396,7 @@ class Checkpointer:
         self.optimizer.load_state_dict(state["optimizer"])
         # files of the original have neither data seed nor random states
         self.data_seed = state.get("data_seed", self.data_seed)
+        self.meters = state.get("meters", {})
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         if "rng" in state:

@@ -27,6 +27,14 @@ class AverageMeter:
         self.count += n
         self.avg = self.sum / self.count
 
+    def state(self):
+        """What a mid-epoch checkpoint keeps: the running sum and count."""
+        return [self.sum, self.count]
+
+    def load_state(self, state):
+        self.sum, self.count = state
+        self.avg = self.sum / max(self.count, 1)
+
     def __str__(self):
         fmtstr = "{name} {val" + self.fmt + "} ({avg" + self.fmt + "})"
         return fmtstr.format(**self.__dict__)

@@ -86,9 +86,20 @@ def finish(proc, timeout=240):
     return proc.returncode, out
 
 
+def epoch_averages(out):
+    """Each epoch's logged loss and accuracies, the last record of an epoch run twice."""
+    with open(out / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return {
+        r["epoch"]: (r["loss"], r["acc1"], r["acc5"])
+        for r in records
+        if r["kind"] == "epoch"
+    }
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Uninterrupted seeded runs with 1 and 2 processes."""
+    """Uninterrupted seeded runs with 1 and 2 processes: final state, epoch averages."""
     from conftest import make_image_folder
 
     root = tmp_path_factory.mktemp("ref")
@@ -98,7 +109,10 @@ def reference(tmp_path_factory):
         out = root / f"out{procs}"
         code, text = finish(start(data, out, procs=procs))
         assert code == 0, text
-        runs[procs] = load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar")
+        runs[procs] = (
+            load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"),
+            epoch_averages(out),
+        )
     return data, runs
 
 
@@ -118,7 +132,10 @@ def test_sigkill_at_random_steps_then_resume_auto_is_bit_identical(
         proc.wait()
     code, text = finish(start(data, out, "--resume", "auto", procs=procs))
     assert code == 0, text
-    assert_same_state(runs[procs], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
+    state, averages = runs[procs]
+    assert_same_state(state, load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
+    # an epoch resumed mid-way logs the whole epoch's averages, as if never stopped
+    assert epoch_averages(out) == averages
 
 
 def test_sigterm_stops_every_rank_checkpoints_and_resumes_exactly(reference, tmp_path):
@@ -140,7 +157,7 @@ def test_sigterm_stops_every_rank_checkpoints_and_resumes_exactly(reference, tmp
         assert load(out / f"checkpoint_{epoch:04d}.pth.tar")["epoch"] == epoch + 1
     code, text = finish(start(data, out, "--resume", "auto", procs=2))
     assert code == 0, text
-    assert_same_state(runs[2], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
+    assert_same_state(runs[2][0], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
 
 
 def test_a_dead_rank_stops_the_others_and_the_directory_stays_resumable(
@@ -163,7 +180,7 @@ def test_a_dead_rank_stops_the_others_and_the_directory_stays_resumable(
     assert "error: process" in text and "died" in text
     code, text = finish(start(data, out, "--resume", "auto", procs=2))
     assert code == 0, text
-    assert_same_state(runs[2], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
+    assert_same_state(runs[2][0], load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(
