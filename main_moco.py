@@ -43,6 +43,7 @@ from moco.distributed import (
     init_distributed,
     launch,
     shared_seed,
+    wrap_ddp,
 )
 from moco.knn import check_knn_data, knn_accuracy
 from moco.loader import AUG_IMPLS, RECIPES, normalization, pretrain_transform
@@ -263,16 +264,7 @@ def main_worker(local_rank, procs_per_node, args):
     # create model
     logger.info(f"=> creating model '{args.arch}'")
     model = create_model(args, env.device)
-    model_ddp = model
-    if env.distributed:
-        # buffers (queue, BatchNorm statistics) are not broadcast each step: the queue
-        # is the same on every process already, and each key encoder keeps its own
-        # statistics
-        model_ddp = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[env.device] if env.device.type == "cuda" else None,
-            forward_sync_buffers=False,
-        )
+    model_ddp = wrap_ddp(model, env.device) if env.distributed else model
 
     criterion = nn.CrossEntropyLoss()
     # every parameter, the frozen key encoder's included, as the original (its files
@@ -300,7 +292,7 @@ def main_worker(local_rank, procs_per_node, args):
 
     # optionally resume from a checkpoint
     start_epoch, start_iter = checkpointer.resume_if_asked(
-        args.resume, env.device, args.start_epoch
+        args.resume, args.start_epoch
     )
 
     # Data loading code

@@ -13,7 +13,7 @@ Variants, timed interleaved (a, b, o, o, b, a, ...), medians after warm-up:
                 model.parameters() (DDP, forward_sync_buffers=False); then accuracy
   (b) floor:    the same backbone alone: query forward + backward, key forward without
                 grad, SGD over the query encoder (DDP over the query encoder)
-  (o) original: as (a) with the original's formulas (bench/original.py) for the parts
+  (o) original: as (a) with the original's formulas (tests/original.py) for the parts
                 this project changed (allocating momentum update, all-gather shuffle, a
                 second gather of the keys, host-read enqueue pointer, DDP broadcasting
                 every buffer)
@@ -39,10 +39,10 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import moco.builder  # noqa: E402
-from bench.original import OriginalMoCo, original_logits  # noqa: E402
+from tests.original import OriginalMoCo, original_logits  # noqa: E402
 from main_moco import create_model, train_step  # noqa: E402
-from moco.builder import _world_size_and_rank, concat_all_gather  # noqa: E402
-from moco.distributed import any_process  # noqa: E402
+from moco.builder import world_size_and_rank  # noqa: E402
+from moco.distributed import any_process, wrap_ddp  # noqa: E402
 from moco.meters import accuracy  # noqa: E402
 
 
@@ -210,7 +210,7 @@ def sync(device):
 class Bench:
     def __init__(self, args, device):
         self.args, self.device = args, device
-        self.world_size, self.rank = _world_size_and_rank()
+        self.world_size, self.rank = world_size_and_rank()
         self.distributed = self.world_size > 1
         self.amp_dtype = getattr(torch, args.amp_dtype)
         self.memory_format = (
@@ -241,11 +241,7 @@ class Bench:
             self.floor_k.compile()
         self.floor_q_ddp = self.floor_q
         if self.distributed:
-            self.floor_q_ddp = nn.parallel.DistributedDataParallel(
-                self.floor_q,
-                forward_sync_buffers=False,
-                device_ids=[device] if device.type == "cuda" else None,
-            )
+            self.floor_q_ddp = wrap_ddp(self.floor_q, device)
             count_ddp(self.floor_q_ddp, self.world_size, self.rank)
         self.floor_opt = self._sgd(self.floor_q.parameters())
         self.floor_scaler = self._scaler()
@@ -262,11 +258,13 @@ class Bench:
         model.__class__ = cls
         ddp = model
         if self.distributed:
-            ddp = nn.parallel.DistributedDataParallel(
-                model,
-                forward_sync_buffers=cls is OriginalMoCo,  # the original's default
-                device_ids=[self.device] if self.device.type == "cuda" else None,
-            )
+            if cls is OriginalMoCo:  # the original's default: buffers broadcast
+                ddp = nn.parallel.DistributedDataParallel(
+                    model,
+                    device_ids=[self.device] if self.device.type == "cuda" else None,
+                )
+            else:
+                ddp = wrap_ddp(model, self.device)
             count_ddp(ddp, self.world_size, self.rank)
         return model, ddp, self._sgd(model.parameters()), self._scaler()
 
@@ -324,8 +322,11 @@ class Bench:
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(self.device)
+        # on the training device: NCCL reduces CUDA tensors only
         t = torch.tensor(
-            [time.perf_counter() - t0, time.process_time() - c0], dtype=torch.float64
+            [time.perf_counter() - t0, time.process_time() - c0],
+            dtype=torch.float64,
+            device=self.device,
         )
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -362,13 +363,14 @@ class Bench:
         im_k = self.inputs()[1]
         gen = torch.Generator().manual_seed(7 + self.rank)
         k = nn.functional.normalize(torch.randn(n, dim, generator=gen), dim=1).to(dev)
-        _, idx_unshuffle = model._batch_shuffle(im_k)
-        keys_all = concat_all_gather(k)
+        _, idx_unshuffle = model._batch_shuffle_ddp(im_k)
         out = {}
         out["momentum update"] = self.median_time(model._momentum_update_key_encoder)
-        out["shuffle (images)"] = self.median_time(lambda: model._batch_shuffle(im_k))
+        out["shuffle (images)"] = self.median_time(
+            lambda: model._batch_shuffle_ddp(im_k)
+        )
         out["unshuffle (keys)"] = self.median_time(
-            lambda: model._batch_unshuffle(k, idx_unshuffle)
+            lambda: model._batch_unshuffle_ddp(k, idx_unshuffle)
         )
 
         def make_q():
@@ -384,7 +386,7 @@ class Bench:
 
         out["logits + CE, fwd+bwd"] = self.median_time(logits, make_q)
         out["  of which queue.clone()"] = self.median_time(lambda: model.queue.clone())
-        out["enqueue"] = self.median_time(lambda: model._dequeue_and_enqueue(keys_all))
+        out["enqueue"] = self.median_time(lambda: model._dequeue_and_enqueue(k))
         output, loss = logits(make_q())
 
         def flags():

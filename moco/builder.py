@@ -80,12 +80,10 @@ class MoCo(nn.Module):
         """
         params_q = list(self.encoder_q.parameters())
         params_k = list(self.encoder_k.parameters())
-        # The original's `param_k.data = param_k.data * m + param_q.data * (1 - m)`
-        # allocates two new tensors per parameter every step; updating in place with
-        # a workspace for q * (1 - m) gives the same numbers bit for bit (an add with
-        # alpha would round once, as a fused multiply-add). With one process this is
-        # what bench/step.py --original changes in the step, and its whole ResNet-18
-        # CPU step was 3 to 7% slower than this one.
+        # the original's `param_k.data = param_k.data * m + param_q.data * (1 - m)`,
+        # in place: a workspace for q * (1 - m) gives the same numbers bit for bit
+        # without two new tensors per parameter every step (an add with alpha would
+        # round once, as a fused multiply-add, and differ)
         s = self._scratch
         if s is None or (s[0].device, s[0].dtype) != (
             params_q[0].device,
@@ -99,7 +97,10 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):
-        """Replace the oldest keys by `keys` (the keys of every process, BxC)."""
+        """Replace the oldest keys by `keys` (this process's, NxC) of every process."""
+        # gather keys before updating queue
+        keys = concat_all_gather(keys)
+
         batch_size = keys.shape[0]
         assert batch_size <= self.K, "the queue must hold at least one global batch"
 
@@ -111,13 +112,13 @@ class MoCo(nn.Module):
         self.queue_ptr.add_(batch_size).remainder_(self.K)  # move pointer
 
     @torch.no_grad()
-    def _batch_shuffle(self, x):
+    def _batch_shuffle_ddp(self, x):
         """
         Batch shuffle across all processes, for making use of BatchNorm: the key
         encoder must not see which samples share its BatchNorm batch.
         Returns this process's shuffled images and the index restoring the order.
         """
-        world_size, rank = _world_size_and_rank()
+        world_size, rank = world_size_and_rank()
         batch_size_this = x.shape[0]
         batch_size_all = batch_size_this * world_size
 
@@ -136,17 +137,16 @@ class MoCo(nn.Module):
         return _rows_from_all(x, idx_shuffle, rank, world_size), idx_unshuffle
 
     @torch.no_grad()
-    def _batch_unshuffle(self, x, idx_unshuffle):
-        """
-        Undo batch shuffle. Returns this process's keys in their original order and
-        the keys of all processes (the same on every process, used for the queue).
-        """
-        world_size, rank = _world_size_and_rank()
-        batch_size_this = x.shape[0]
+    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
+        """Undo batch shuffle: this process's keys, in the order of its images."""
+        world_size, rank = world_size_and_rank()
 
-        x_all = concat_all_gather(x)[idx_unshuffle]
-        x_this = x_all[rank * batch_size_this : (rank + 1) * batch_size_this]
-        return x_this, x_all
+        # gathered from all processes
+        x_gather = concat_all_gather(x)
+
+        # restored index for this process
+        idx_this = idx_unshuffle.view(world_size, -1)[rank]
+        return x_gather[idx_this]
 
     def _contrast(self, im_q, im_k):
         """Logits of queries from im_q against their keys from im_k and the queue."""
@@ -156,13 +156,13 @@ class MoCo(nn.Module):
         # compute key features
         with torch.no_grad():  # no gradient to keys
             # shuffle for making use of BN
-            im_k, idx_unshuffle = self._batch_shuffle(im_k)
+            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
 
             # keys: NxC
             k = nn.functional.normalize(self.encoder_k(im_k).float(), dim=1)
 
             # undo shuffle
-            k, k_all = self._batch_unshuffle(k, idx_unshuffle)
+            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
 
         # the logits, their softmax and the queue stay in fp32 under autocast
         with torch.autocast(q.device.type, enabled=False):
@@ -177,7 +177,7 @@ class MoCo(nn.Module):
 
             # apply temperature
             logits /= self.T
-        return logits, k_all
+        return logits, k
 
     def forward(self, im_q, im_k):
         """
@@ -195,21 +195,23 @@ class MoCo(nn.Module):
             logits_12, keys_2 = self._contrast(im_q, im_k)
             logits_21, keys_1 = self._contrast(im_k, im_q)
             logits = torch.cat([logits_12, logits_21], dim=0)
-            keys = torch.cat([keys_1, keys_2], dim=0)
+            keys = (keys_1, keys_2)
         else:
-            logits, keys = self._contrast(im_q, im_k)
+            logits, k = self._contrast(im_q, im_k)
+            keys = (k,)
 
         # labels: positive key indicators
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
         # dequeue and enqueue, after the logits were computed
-        self._dequeue_and_enqueue(keys)
+        for k in keys:
+            self._dequeue_and_enqueue(k)
 
         return logits, labels
 
 
 # utils
-def _world_size_and_rank():
+def world_size_and_rank():
     """(world size, rank); (1, 0) without a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -222,7 +224,7 @@ def concat_all_gather(tensor):
     Concatenate `tensor` of every process along dim 0 (itself without a process group).
     *** Warning ***: torch.distributed.all_gather has no gradient.
     """
-    world_size, _ = _world_size_and_rank()
+    world_size, _ = world_size_and_rank()
     if world_size == 1:
         return tensor
     tensors_gather = [torch.empty_like(tensor) for _ in range(world_size)]
@@ -251,8 +253,9 @@ def _rows_from_all(x, idx_shuffle, rank, world_size):
     order = torch.argsort(my_owner, stable=True)
 
     counts = torch.stack([send_counts, recv_counts]).tolist()  # split sizes on the host
+    # the collective moves contiguous rows; the result keeps x's memory format
     received = x.new_empty(x.shape)
     dist.all_to_all_single(received, x[send_rows].contiguous(), counts[1], counts[0])
-    out = torch.empty_like(received)
+    out = torch.empty_like(x)
     out[order] = received  # back to the order of this process's shuffled index
     return out

@@ -367,7 +367,7 @@ class Checkpointer:
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, os.path.join(self.output_dir, name))
 
-    def resume_if_asked(self, resume, device, start_epoch=0):
+    def resume_if_asked(self, resume, start_epoch=0):
         """
         --resume: a path, 'auto' (the newest valid file in output_dir) or ''. Loads it
         (process 0's choice on every process: one that cannot read it says so in one
@@ -377,7 +377,7 @@ class Checkpointer:
         path = broadcast_object(path)
         if path:
             logger.info(f"=> loading checkpoint '{path}'")
-            epoch, step = self.resume(path, device)
+            epoch, step = self.resume(path)
             logger.info(f"=> loaded checkpoint '{path}' (epoch {epoch}, step {step})")
             return epoch, step
         if resume == "auto":
@@ -386,12 +386,16 @@ class Checkpointer:
             )
         return start_epoch, 0
 
-    def resume(self, path, device):
+    def resume(self, path):
         """
-        Load model, optimizer, scaler, random states and data seed from `path`;
-        returns (completed epochs, steps done in the next epoch).
+        Load model, optimizer, scaler, random states and data seed from `path` into
+        the model and optimizer wherever they are; returns (completed epochs, steps
+        done in the next epoch).
         """
-        state = load_checkpoint(path, map_location=device, what="--resume checkpoint")
+        # read onto the CPU: load_state_dict copies each tensor to its parameter's
+        # device, and the random states must stay CPU tensors (NumPy's is read back
+        # with .numpy(), which refuses a CUDA tensor)
+        state = load_checkpoint(path, map_location="cpu", what="--resume checkpoint")
         self.model.load_state_dict(without_module_prefix(state["state_dict"]))
         self.optimizer.load_state_dict(state["optimizer"])
         # files of the original have neither data seed nor random states
@@ -425,11 +429,13 @@ def get_rng_state():
 
 
 def set_rng_state(state):
+    """Restore what get_rng_state returned, from CPU tensors or tensors on a device."""
     torch.set_rng_state(state["torch"].cpu())
     random.setstate(
         tuple(tuple(x) if isinstance(x, list) else x for x in state["python"])
     )
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    keys = keys.cpu().numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())

@@ -10,6 +10,7 @@ Launch modes (one code path all programs share):
 """
 
 import datetime
+import inspect
 import os
 import random
 import signal
@@ -194,7 +195,7 @@ def init_distributed(local_rank, procs_per_node, settings):
 
     if torch.cuda.is_available():
         if procs_per_node > 1 or settings.gpu is None:
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", local_gpu(local_rank))
         else:
             device = torch.device("cuda", settings.gpu)
         torch.cuda.set_device(device)
@@ -218,6 +219,57 @@ def init_distributed(local_rank, procs_per_node, settings):
         )
     setup_logging(rank)
     return DistEnv(rank, world_size, local_rank, procs_per_node, device)
+
+
+def local_gpu(local_rank, visible=None):
+    """
+    The GPU index of the process with `local_rank`: its own GPU when the node's GPUs
+    are all visible to it, GPU 0 when a scheduler shows each process only its own one
+    (CUDA_VISIBLE_DEVICES set per process).
+    """
+    visible = torch.cuda.device_count() if visible is None else visible
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UsageError(
+        f"process {local_rank} of this node sees {visible} GPUs: give each process "
+        "all of the node's GPUs or exactly one (CUDA_VISIBLE_DEVICES)"
+    )
+
+
+def ddp_buffer_option(ddp_init=None):
+    """
+    The keyword that stops DistributedDataParallel from broadcasting buffers at each
+    forward: `forward_sync_buffers` where the installed torch has it (2.13 and newer,
+    which deprecate the other), else `broadcast_buffers`.
+    """
+    if ddp_init is None:
+        ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
+    if "forward_sync_buffers" in inspect.signature(ddp_init).parameters:
+        return "forward_sync_buffers"
+    return "broadcast_buffers"
+
+
+def wrap_ddp(model, device, ddp_init=None):
+    """
+    `model` in DistributedDataParallel whose buffers are process 0's at the start and
+    then never broadcast again: MoCo's queue stays the same on every process by itself,
+    and each key encoder keeps its own BatchNorm statistics. ddp_init: the constructor
+    whose signature decides the keyword (the installed torch's by default).
+    """
+    option = ddp_buffer_option(ddp_init)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device] if device.type == "cuda" else None,
+        **{option: False},
+    )
+    if option == "broadcast_buffers":
+        # forward_sync_buffers=False still syncs buffers once; broadcast_buffers=False
+        # does not, and the queues of unseeded processes would differ
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    return ddp
 
 
 def get_world_size():

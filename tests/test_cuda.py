@@ -36,6 +36,7 @@ from conftest import (
 )
 
 from moco.builder import MoCo
+from moco.distributed import wrap_ddp
 from moco.models import build_encoder
 
 pytestmark = pytest.mark.cuda
@@ -323,11 +324,7 @@ def test_nccl_process_group_runs_ddp_steps_exactly_as_without_it(device, monkeyp
         rank=0,
     )
     try:
-        ddp = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device] if device.type == "cuda" else None,
-            forward_sync_buffers=False,
-        )
+        ddp = wrap_ddp(model, device)
         for net, m in ((ddp, model), (plain, plain)):
             opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
             for step in range(2):

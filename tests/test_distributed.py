@@ -1,6 +1,7 @@
 """Two gloo processes give the numbers of one plain, unshuffled computation."""
 
 import copy
+import inspect
 import os
 
 import pytest
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from conftest import free_port
 from test_builder import images, make_moco
 
-from bench.original import OriginalMoCo, original_logits
+from original import OriginalMoCo, original_logits
+from moco.builder import concat_all_gather
+from moco.distributed import wrap_ddp
 
 N = 4  # per process
 WORLD = 2
@@ -24,9 +27,7 @@ def _worker(rank, port, out_dir):
     )
     try:
         model = make_moco(seed=0)
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, forward_sync_buffers=False
-        )
+        ddp = wrap_ddp(model, torch.device("cpu"))
         opt = torch.optim.SGD(
             model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4
         )
@@ -44,10 +45,19 @@ def _worker(rank, port, out_dir):
         # the shuffle itself: rows tagged with their global index
         torch.manual_seed(7 if rank == 0 else 8)
         x = (torch.arange(N) + rank * N).float().view(N, 1)
-        shuffled, idx_unshuffle = model._batch_shuffle(x)
-        mine, everyone = model._batch_unshuffle(shuffled, idx_unshuffle)
+        shuffled, idx_unshuffle = model._batch_shuffle_ddp(x)
+        mine = model._batch_unshuffle_ddp(shuffled, idx_unshuffle)
+        everyone = concat_all_gather(mine)
+        # each process's own random queue and weights, wrapped as on torch 2.11/2.12
+        # (no forward_sync_buffers) and as on the installed torch
+        synced = {}
+        for path, ddp_init in (("old", _ddp_init_before_2_13), ("installed", None)):
+            unseeded = make_moco(seed=100 + rank)
+            wrap_ddp(unseeded, torch.device("cpu"), ddp_init=ddp_init)
+            synced[path] = {k: v.clone() for k, v in unseeded.state_dict().items()}
         torch.save(
             {
+                "synced": synced,
                 "logits": logits.detach(),
                 "loss": loss.detach(),
                 "labels": labels,
@@ -60,6 +70,12 @@ def _worker(rank, port, out_dir):
         )
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_init_before_2_13(
+    self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True
+):
+    """The signature of DistributedDataParallel before torch 2.13 (its first part)."""
 
 
 def _buffers(module):
@@ -150,3 +166,32 @@ def test_shuffle_crosses_processes_and_unshuffle_restores(results):
         assert torch.equal(res["mine"], everything[r * N : (r + 1) * N])
         assert torch.equal(res["everyone"], everything)
     assert crossed, "no image left its process: the shuffle must cross processes"
+
+
+@pytest.mark.parametrize("torch_version", ["old", "installed"])
+def test_ddp_starts_every_process_from_process_0s_queue_and_weights(
+    results, torch_version
+):
+    # torch before 2.13 has no forward_sync_buffers: wrap_ddp detects it and still
+    # gives every process process 0's buffers (the queue) at the start
+    rank0 = make_moco(seed=100).state_dict()
+    for r in range(WORLD):
+        state = results[r]["synced"][torch_version]
+        assert state.keys() == rank0.keys()
+        for k, v in rank0.items():
+            assert torch.equal(state[k], v), (r, k)
+
+
+def test_the_ddp_keyword_follows_the_installed_torchs_signature():
+    from moco.distributed import ddp_buffer_option
+
+    assert ddp_buffer_option(_ddp_init_before_2_13) == "broadcast_buffers"
+    has_it = (
+        "forward_sync_buffers"
+        in inspect.signature(
+            torch.nn.parallel.DistributedDataParallel.__init__
+        ).parameters
+    )
+    assert ddp_buffer_option() == (
+        "forward_sync_buffers" if has_it else "broadcast_buffers"
+    )

@@ -1,7 +1,7 @@
 """The fast training step computes exactly what the original's formulas compute.
 
 The builder updates the key encoder in place, enqueues without reading the pointer
-on the host and shuffles with all_to_all; bench/original.py does the same steps the
+on the host and shuffles with all_to_all; tests/original.py does the same steps the
 original's way (new tensors every step, every image gathered to every process, the
 keys gathered again for the queue, a slice enqueue).
 """
@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from conftest import REPO, free_port, load, moco_args, run_moco
 from test_builder import images, make_moco
 
-from bench.original import OriginalMoCo, original_copy
+from original import OriginalMoCo, original_copy
 from main_moco import train_step
 from moco.builder import MoCo
+from moco.distributed import wrap_ddp
 from moco.utils import UsageError
 
 
@@ -115,25 +116,31 @@ def _two_process_worker(rank, port):
             # the processes draw different permutations
             torch.manual_seed(10 * trial + rank)
             state = torch.get_rng_state()
-            fast, idx_fast = model._batch_shuffle(x)
+            fast, idx_fast = model._batch_shuffle_ddp(x)
             torch.set_rng_state(state)
-            ref, idx_ref = OriginalMoCo._batch_shuffle(model, x)
+            ref, idx_ref = OriginalMoCo._batch_shuffle_ddp(model, x)
             assert torch.equal(fast, ref) and torch.equal(idx_fast, idx_ref)
             keys = torch.randn(N, 8)
-            for a, b in zip(
-                model._batch_unshuffle(keys, idx_fast),
-                OriginalMoCo._batch_unshuffle(model, keys, idx_ref),
-            ):
-                assert torch.equal(a, b)
+            assert torch.equal(
+                model._batch_unshuffle_ddp(keys, idx_fast),
+                OriginalMoCo._batch_unshuffle_ddp(model, keys, idx_ref),
+            )
         # each process received only its own batch of images, not the global batch
         assert sent_images[0::2] == [("all_to_all", N)] * 3
         assert sent_images[1::2] == [("all_gather", N * WORLD)] * 3
+        # channels-last images stay channels-last through the exchange (--channels-last)
+        torch.manual_seed(rank)
+        state = torch.get_rng_state()
+        last = model._batch_shuffle_ddp(x.to(memory_format=torch.channels_last))[0]
+        torch.set_rng_state(state)
+        assert last.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(last, model._batch_shuffle_ddp(x)[0])
 
         # whole training steps with DDP as main_moco builds it: the same numbers
         model = make_moco(seed=0)
         ref = original_copy(model)
-        ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
-        ddp_ref = nn.parallel.DistributedDataParallel(ref, forward_sync_buffers=False)
+        ddp = wrap_ddp(model, torch.device("cpu"))
+        ddp_ref = wrap_ddp(ref, torch.device("cpu"))
         seed = 20 + rank  # each process its own images and its own draws
         for a, b in zip(
             train_steps(model, 3, N, seed, ddp), train_steps(ref, 3, N, seed, ddp_ref)

@@ -1,7 +1,7 @@
 """
 The original's formulas (facebookresearch/moco's builder), written out plainly: the
 reference the tests hold moco/builder.py to, bit for bit, and variant (o) of
-bench/step.py.
+bench/step.py, which imports it from here.
 """
 
 import copy
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moco.builder import MoCo, _world_size_and_rank, concat_all_gather
+from moco.builder import MoCo, concat_all_gather, world_size_and_rank
 
 
 def original_logits(q, k, queue, T):
@@ -34,9 +34,9 @@ class OriginalMoCo(MoCo):
             param_k.data = param_k.data * self.m + param_q.data * (1.0 - self.m)
 
     @torch.no_grad()
-    def _batch_shuffle(self, x):
+    def _batch_shuffle_ddp(self, x):
         # every image of the global batch to every process, then each takes its share
-        world_size, rank = _world_size_and_rank()
+        world_size, rank = world_size_and_rank()
         x_all = concat_all_gather(x)
         idx_shuffle = torch.randperm(x_all.shape[0]).to(x.device)
         if world_size > 1:
@@ -45,14 +45,13 @@ class OriginalMoCo(MoCo):
         return x_all[idx_shuffle.view(world_size, -1)[rank]], idx_unshuffle
 
     @torch.no_grad()
-    def _batch_unshuffle(self, x, idx_unshuffle):
-        world_size, rank = _world_size_and_rank()
-        x_this = concat_all_gather(x)[idx_unshuffle.view(world_size, -1)[rank]]
-        # the original gathers the keys a second time for the queue
-        return x_this, concat_all_gather(x_this)
+    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
+        world_size, rank = world_size_and_rank()
+        return concat_all_gather(x)[idx_unshuffle.view(world_size, -1)[rank]]
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys):
+        keys = concat_all_gather(keys)
         batch_size = keys.shape[0]
         # a host read (a GPU sync) every step
         ptr = int(self.queue_ptr)
@@ -63,10 +62,10 @@ class OriginalMoCo(MoCo):
     def _contrast(self, im_q, im_k):
         q = F.normalize(self.encoder_q(im_q), dim=1)
         with torch.no_grad():
-            im_k, idx_unshuffle = self._batch_shuffle(im_k)
+            im_k, idx_unshuffle = self._batch_shuffle_ddp(im_k)
             k = F.normalize(self.encoder_k(im_k), dim=1)
-            k, k_all = self._batch_unshuffle(k, idx_unshuffle)
-        return original_logits(q, k, self.queue, self.T), k_all
+            k = self._batch_unshuffle_ddp(k, idx_unshuffle)
+        return original_logits(q, k, self.queue, self.T), k
 
 
 def original_copy(model):
