@@ -39,11 +39,11 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import moco.builder  # noqa: E402
-from tests.original import OriginalMoCo, original_logits  # noqa: E402
 from main_moco import create_model, train_step  # noqa: E402
 from moco.builder import world_size_and_rank  # noqa: E402
 from moco.distributed import any_process, wrap_ddp  # noqa: E402
 from moco.meters import accuracy  # noqa: E402
+from tests.original import OriginalMoCo, original_logits  # noqa: E402
 
 
 def get_args_parser():

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-
 from original import OriginalMoCo, original_copy, original_logits
+
 from moco.builder import MoCo
 from moco.models import SplitBatchNorm, build_encoder
 

@@ -21,7 +21,6 @@ import zipfile
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from conftest import (
     PYTHON,

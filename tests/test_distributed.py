@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import free_port
+from original import OriginalMoCo, original_logits
 from test_builder import images, make_moco
 
-from original import OriginalMoCo, original_logits
 from moco.builder import concat_all_gather
 from moco.distributed import wrap_ddp
 

@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import REPO, free_port, load, moco_args, run_moco
+from original import OriginalMoCo, original_copy
 from test_builder import images, make_moco
 
-from original import OriginalMoCo, original_copy
 from main_moco import train_step
 from moco.builder import MoCo
 from moco.distributed import wrap_ddp
