@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from moco.checkpoint import load_encoder
+from moco.checkpoint import load_encoder, load_encoder_with_head
 from moco.cli import (
     add_data_arguments,
     add_image_arguments,
@@ -26,11 +26,7 @@ from moco.cli import (
 )
 from moco.data import check_image_folder
 from moco.distributed import cleanup, init_distributed, launch, shared_seed
-from moco.knn import (
-    check_knn_data,
-    knn_accuracy,
-    load_encoder_with_head,
-)
+from moco.knn import check_knn_data, knn_accuracy
 from moco.models import build_encoder, check_arch
 from moco.utils import UsageError, logger
 

@@ -43,7 +43,13 @@ from moco.distributed import (
     shared_seed,
 )
 from moco.loader import eval_transforms
-from moco.meters import AverageMeter, JsonLogger, ProgressMeter, record_step
+from moco.meters import (
+    AverageMeter,
+    JsonLogger,
+    ProgressMeter,
+    TrainMeters,
+    read_step,
+)
 from moco.models import build_encoder, check_arch
 from moco.utils import UsageError, adjust_learning_rate, logger, seed_everything
 
@@ -123,37 +129,6 @@ def create_model(args, num_classes):
     return model
 
 
-def check_resume(args, num_classes):
-    """Refuse a --resume file that is not a linear classifier of this model."""
-    if not args.resume:
-        return
-    state = ckpt.load_checkpoint(args.resume, what="--resume checkpoint")
-    sd = state.get("state_dict") if isinstance(state, dict) else None
-    if not isinstance(sd, dict):
-        problem = "no state_dict"
-    else:
-        missing = [k for k in ("epoch", "optimizer", "best_acc1") if k not in state]
-        problem = f"no {missing[0]!r}" if missing else None
-        if problem and any("encoder_q." in k for k in sd):
-            problem += "; a pretraining checkpoint goes to --pretrained"
-    if problem:
-        raise UsageError(
-            f"--resume {args.resume!r} is not a checkpoint of main_lincls.py ({problem})"
-        )
-    if state.get("arch", args.arch) != args.arch:
-        raise UsageError(
-            f"--resume {args.resume!r} is a {state['arch']} model; got -a {args.arch}"
-        )
-    try:
-        create_model(args, num_classes).load_state_dict(ckpt.without_module_prefix(sd))
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise UsageError(
-            f"--resume {args.resume!r} does not fit -a {args.arch} with {num_classes} "
-            f"classes{' and --small-stem' if args.small_stem else ''}: {detail[:200]}"
-        ) from None
-
-
 def main(args):
     check_args(args)
     model = create_model(args, 1000)
@@ -161,7 +136,11 @@ def main(args):
         ckpt.load_encoder(model, args.pretrained, args.arch)
     classes, _ = check_image_folder(os.path.join(args.data, "train"), "training data")
     check_val_folder(args.data)
-    check_resume(args, len(classes))
+    if args.resume:
+        hint = f" with {len(classes)} classes"
+        hint += " and --small-stem" if args.small_stem else ""
+        model = create_model(args, len(classes))
+        ckpt.check_classifier_resume(args.resume, args.arch, model, hint)
     return launch(main_worker, launch_settings(args), args)
 
 
@@ -174,13 +153,10 @@ def main_worker(local_rank, procs_per_node, args):
 
 
 def run(env, args):
-    device = env.device
+    """Linear classification in this process: returns the best validation Acc@1."""
     batch_size, workers = env.per_process(args.batch_size, args.workers)
     seed_everything(args.seed)
-
-    traindir = os.path.join(args.data, "train")
-    valdir = os.path.join(args.data, "val")
-    num_classes = len(find_classes(traindir)[0])
+    num_classes = len(find_classes(os.path.join(args.data, "train"))[0])
 
     # create model
     logger.info(f"=> creating model '{args.arch}'")
@@ -197,15 +173,15 @@ def run(env, args):
         logger.info(
             "=> no --pretrained: a randomly initialised backbone (the baseline)"
         )
-    model.to(device)
+    model.to(env.device)
     model_ddp = model
     if env.distributed:
         model_ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
+            model, device_ids=[env.device] if env.device.type == "cuda" else None
         )
 
     # define loss function (criterion) and optimizer
-    criterion = nn.CrossEntropyLoss().to(device)
+    criterion = nn.CrossEntropyLoss().to(env.device)
 
     # optimize only the linear classifier
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -213,68 +189,33 @@ def run(env, args):
     optimizer = torch.optim.SGD(
         parameters, args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
+    checkpointer = ckpt.ClassifierCheckpointer(
+        args.output_dir, model, optimizer, arch=args.arch, enabled=env.is_main
+    )
 
     # optionally resume from a checkpoint
     start_epoch, best_acc1 = args.start_epoch, 0.0
     if args.resume:
         logger.info(f"=> loading checkpoint '{args.resume}'")
-        state = ckpt.load_checkpoint(
-            args.resume, map_location=device, what="--resume checkpoint"
-        )
-        model.load_state_dict(ckpt.without_module_prefix(state["state_dict"]))
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_acc1 = state["epoch"], float(state["best_acc1"])
+        start_epoch, best_acc1 = checkpointer.resume(args.resume)
         logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch})")
 
-    # Data loading code
-    train_transform, val_transform = eval_transforms(args.input_size, args.normalize)
-    data_seed = shared_seed(args.seed)
-    train_dataset = SeededImageFolder(
-        traindir, train_transform, data_seed=data_seed, skip_bad=args.skip_bad_images
-    )
-    train_sampler = EpochSampler(
-        train_dataset, env.world_size, env.rank, data_seed=data_seed
-    )
-    train_loader = DataLoader(
-        train_dataset,
-        batch_size=batch_size,
-        sampler=train_sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),
-    )
-    # each process validates its own share: every image counted once
-    val_dataset = SeededImageFolder(valdir, val_transform)
-    val_loader = DataLoader(
-        Subset(val_dataset, shard_range(len(val_dataset), env.rank, env.world_size)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
-
+    train_loader, val_loader = create_loaders(args, env, batch_size, workers)
     log = JsonLogger(os.path.join(args.output_dir, "log.jsonl"), env.is_main)
     logger.info(
-        f"=> processes: {env.world_size}, device {device}; batch: {batch_size} per "
-        f"process, {batch_size * env.world_size} global; data: {len(train_dataset)} "
-        f"training and {len(val_dataset)} validation images, {num_classes} classes"
+        f"=> processes: {env.world_size}, device {env.device}; batch: {batch_size} "
+        f"per process, {batch_size * env.world_size} global; data: "
+        f"{len(train_loader.dataset)} training and {len(val_loader.dataset.dataset)} "
+        f"validation images, {num_classes} classes"
     )
 
     if args.evaluate:
-        acc1, acc5, loss, n = validate(val_loader, model_ddp, criterion, args, env)
-        log.log(
-            {
-                "kind": "eval",
-                "val_acc1": acc1,
-                "val_acc5": acc5,
-                "val_loss": loss,
-                "val_images": n,
-            }
-        )
-        return acc1
+        stats = validate(val_loader, model_ddp, criterion, args, env)
+        log.log({"kind": "eval", **stats})
+        return stats["val_acc1"]
 
     for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)
         lr = adjust_learning_rate(optimizer, epoch, args.lr, args.epochs, args.schedule)
 
         # train for one epoch
@@ -283,89 +224,98 @@ def run(env, args):
         )
 
         # evaluate on validation set
-        acc1, acc5, loss, n = validate(val_loader, model_ddp, criterion, args, env)
+        val_stats = validate(val_loader, model_ddp, criterion, args, env)
 
         # remember best acc@1 and save checkpoint
+        acc1 = val_stats["val_acc1"]
         is_best = acc1 > best_acc1
         best_acc1 = max(acc1, best_acc1)
-
-        if env.is_main:
-            state = {
-                "epoch": epoch + 1,
-                "arch": args.arch,
-                "state_dict": ckpt.with_module_prefix(model.state_dict()),
-                "best_acc1": best_acc1,
-                "optimizer": optimizer.state_dict(),
-            }
-            save_checkpoint(state, is_best, args.output_dir)
-            if epoch == start_epoch:
-                sanity_check(model.state_dict(), reference, args)
+        checkpointer.save(epoch, best_acc1, is_best)
+        if env.is_main and epoch == start_epoch:
+            sanity_check(model.state_dict(), reference, args)
         log.log(
             {
                 "kind": "epoch",
                 "epoch": epoch,
                 "lr": lr,
                 **train_stats,
-                "val_acc1": acc1,
-                "val_acc5": acc5,
-                "val_loss": loss,
-                "val_images": n,
+                **val_stats,
                 "best_acc1": best_acc1,
             }
         )
     return best_acc1
 
 
-def train(train_loader, model, criterion, optimizer, epoch, args, env):
-    batch_time = AverageMeter("Time", ":6.3f")
-    data_time = AverageMeter("Data", ":6.3f")
-    losses = AverageMeter("Loss", ":.4e")
-    top1 = AverageMeter("Acc@1", ":6.2f")
-    top5 = AverageMeter("Acc@5", ":6.2f")
-    progress = ProgressMeter(
-        len(train_loader),
-        [batch_time, data_time, losses, top1, top5],
-        prefix=f"Epoch: [{epoch}]",
+def create_loaders(args, env, batch_size, workers):
+    """
+    The training loader (this process's share, a resumable order) and the validation
+    loader (this process's contiguous share: every image counted once).
+    """
+    train_transform, val_transform = eval_transforms(args.input_size, args.normalize)
+    data_seed = shared_seed(args.seed)
+    train_dataset = SeededImageFolder(
+        os.path.join(args.data, "train"),
+        train_transform,
+        data_seed=data_seed,
+        skip_bad=args.skip_bad_images,
     )
+    train_loader = DataLoader(
+        train_dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(
+            train_dataset, env.world_size, env.rank, data_seed=data_seed
+        ),
+        num_workers=workers,
+        pin_memory=env.device.type == "cuda",
+        generator=torch.Generator(),
+    )
+    val_dataset = SeededImageFolder(os.path.join(args.data, "val"), val_transform)
+    val_loader = DataLoader(
+        Subset(val_dataset, shard_range(len(val_dataset), env.rank, env.world_size)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=env.device.type == "cuda",
+    )
+    return train_loader, val_loader
+
+
+def train(train_loader, model, criterion, optimizer, epoch, args, env):
+    """One epoch of the linear classifier; returns its mean loss and accuracies."""
+    meters = TrainMeters(epoch, len(train_loader))
 
     # Under the protocol of linear classification on frozen features, no part of the
     # pretrained model may change: BatchNorm in train mode would update its running
     # statistics even without gradients, so the whole model runs in eval mode.
     model.eval()
 
-    end = time.time()
     for i, (images, target) in enumerate(train_loader):
         # measure data loading time
-        data_time.update(time.time() - end)
-
+        meters.loaded()
         images = images.to(env.device, non_blocking=True)
         target = target.to(env.device, non_blocking=True)
 
         # compute output
         output = model(images)
         loss = criterion(output, target)
-
-        # measure accuracy and record loss
-        record_step((losses, top1, top5), output, target, loss.item(), images.size(0))
+        loss_value, acc1, acc5 = read_step(loss, output, target)
 
         # compute gradient and do SGD step
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-        # measure elapsed time
-        batch_time.update(time.time() - end)
-        end = time.time()
-
+        # measure accuracy, loss and elapsed time
+        meters.update(loss_value, acc1, acc5, images.size(0))
         if i % args.print_freq == 0:
-            progress.display(i)
-    return {"loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg}
+            meters.progress.display(i)
+    return {"loss": meters.losses.avg, "acc1": meters.top1.avg, "acc5": meters.top5.avg}
 
 
 def validate(val_loader, model, criterion, args, env):
-    """Accuracy over the whole validation set, every process's share summed.
-
-    Returns (acc1, acc5, loss, number of images), the same on every process.
+    """
+    Accuracy over the whole validation set, every process's share summed: val_acc1,
+    val_acc5, val_loss and val_images, the same on every process.
     """
     batch_time = AverageMeter("Time", ":6.3f")
     losses = AverageMeter("Loss", ":.4e")
@@ -389,9 +339,9 @@ def validate(val_loader, model, criterion, args, env):
             loss = criterion(output, target)
 
             # measure accuracy and record loss
-            record_step(
-                (losses, top1, top5), output, target, loss.item(), images.size(0)
-            )
+            loss_value, acc1, acc5 = read_step(loss, output, target)
+            for meter, value in ((losses, loss_value), (top1, acc1), (top5, acc5)):
+                meter.update(value, images.size(0))
 
             # measure elapsed time
             batch_time.update(time.time() - end)
@@ -409,14 +359,12 @@ def validate(val_loader, model, criterion, args, env):
     correct1, correct5, loss_sum, n = all_reduce_sum(totals).tolist()
     acc1, acc5 = 100.0 * correct1 / max(n, 1), 100.0 * correct5 / max(n, 1)
     logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images)")
-    return acc1, acc5, loss_sum / max(n, 1), int(n)
-
-
-def save_checkpoint(state, is_best, output_dir):
-    path = os.path.join(output_dir, "checkpoint.pth.tar")
-    ckpt.save_checkpoint(state, path)
-    if is_best:
-        ckpt.copy_checkpoint(path, os.path.join(output_dir, "model_best.pth.tar"))
+    return {
+        "val_acc1": acc1,
+        "val_acc5": acc5,
+        "val_loss": loss_sum / max(n, 1),
+        "val_images": int(n),
+    }
 
 
 class SanityCheckError(RuntimeError):

@@ -14,7 +14,7 @@ import functools
 import math
 import os
 import shutil
-import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,7 @@ from moco.cli import (
 from moco.data import EpochSampler, SeededImageFolder, check_image_folder
 from moco.distributed import (
     PREEMPTED_EXIT_CODE,
+    DistEnv,
     StopSignal,
     any_process,
     barrier,
@@ -47,7 +48,7 @@ from moco.distributed import (
 )
 from moco.knn import check_knn_data, knn_accuracy
 from moco.loader import AUG_IMPLS, RECIPES, normalization, pretrain_transform
-from moco.meters import AverageMeter, JsonLogger, ProgressMeter, record_step
+from moco.meters import JsonLogger, TrainMeters, read_step
 from moco.models import build_encoder, check_arch
 from moco.utils import (
     NonFiniteLossError,
@@ -287,6 +288,7 @@ def main_worker(local_rank, procs_per_node, args):
         args=vars(args),
         data_seed=shared_seed(args.seed),
         keep_last=args.keep_last,
+        save_freq=args.save_freq,
         enabled=env.is_main,
     )
 
@@ -309,7 +311,18 @@ def main_worker(local_rank, procs_per_node, args):
     log.log({"kind": "args", **vars(args)})
     print_summary(args, env, train_loader)
 
-    stop = StopSignal()
+    run = TrainingRun(
+        env,
+        scaler,
+        torch.autocast(
+            env.device.type, dtype=getattr(torch, args.amp_dtype), enabled=args.amp
+        ),
+        torch.channels_last if args.channels_last else torch.contiguous_format,
+        StopSignal(),
+        checkpointer,
+        log,
+        augment,
+    )
     try:
         for epoch in range(start_epoch, args.epochs):
             first = start_iter if epoch == start_epoch else 0
@@ -326,13 +339,8 @@ def main_worker(local_rank, procs_per_node, args):
                 optimizer,
                 epoch,
                 args,
+                run=run,
                 first=first,
-                env=env,
-                scaler=scaler,
-                stop=stop,
-                checkpointer=checkpointer,
-                log=log,
-                augment=augment,
             )
             if completed:
                 checkpointer.save_epoch(epoch)
@@ -344,7 +352,7 @@ def main_worker(local_rank, procs_per_node, args):
             if args.knn_freq and (epoch + 1) % args.knn_freq == 0:
                 knn_monitor(model.encoder_q, args, env, epoch, log)
     finally:
-        stop.restore()
+        run.stop.restore()
         cleanup()
 
 
@@ -423,150 +431,80 @@ def create_loader(args, data_seed, env, batch_size, workers):
     return loader, augment
 
 
-def train(
-    train_loader,
-    model,
-    criterion,
-    optimizer,
-    epoch,
-    args,
-    *,
-    env,
-    scaler,
-    stop,
-    checkpointer,
-    log,
-    first=0,
-    augment=None,
-):
+@dataclass
+class TrainingRun:
+    """What every epoch of a run shares, settled once by main_worker."""
+
+    env: DistEnv
+    scaler: torch.amp.GradScaler
+    # the precision and memory format of the step
+    autocast: torch.autocast
+    memory_format: torch.memory_format
+    stop: StopSignal
+    checkpointer: ckpt.Checkpointer
+    log: JsonLogger
+    # makes the crops on the device from what the loader gives (--aug-impl batched)
+    augment: BatchAugment | None = None
+
+    def inputs(self, images):
+        """The query and key crops of a batch, on the device in the memory format."""
+        if self.augment is not None:
+            images = self.augment(images, self.env.device)
+        return [
+            x.to(self.env.device, non_blocking=True, memory_format=self.memory_format)
+            for x in images
+        ]
+
+
+def train(train_loader, model, criterion, optimizer, epoch, args, *, run, first=0):
     """
     One epoch from step `first`. Returns (whether the epoch was completed, whether to
     stop); stopped by a signal within the epoch, it has saved where it stopped.
-    augment: a BatchAugment that makes the crops on the device (--aug-impl batched).
     """
-    batch_time = AverageMeter("Time", ":6.3f")
-    data_time = AverageMeter("Data", ":6.3f")
-    losses = AverageMeter("Loss", ":.4e")
-    top1 = AverageMeter("Acc@1", ":6.2f")
-    top5 = AverageMeter("Acc@5", ":6.2f")
     total = train_loader.sampler.num_samples // train_loader.batch_size
-    progress = ProgressMeter(
-        total,
-        [batch_time, data_time, losses, top1, top5],
-        prefix=f"Epoch: [{epoch}]",
-    )
-    autocast = torch.autocast(
-        env.device.type, dtype=getattr(torch, args.amp_dtype), enabled=args.amp
-    )
-    memory_format = (
-        torch.channels_last if args.channels_last else torch.contiguous_format
-    )
+    sums = run.checkpointer.meters if first else None
+    meters = TrainMeters(epoch, total, first, run.env.world_size, sums)
     lr = optimizer.param_groups[0]["lr"]
-    averaged = (losses, top1, top5)
-    if first:  # resumed within the epoch: its averages go on from the file's sums
-        for meter in averaged:
-            if meter.name in checkpointer.meters:
-                meter.load_state(checkpointer.meters[meter.name])
-    images_before = losses.count
 
     # switch to train mode
     model.train()
 
-    stop_now = False
-    epoch_start = end = time.time()
+    stop = False
     for i, (images, _) in enumerate(train_loader, start=first):
         # measure data loading time
-        data_time.update(time.time() - end)
-
-        if augment is not None:
-            images = augment(images, env.device)
-        im_q, im_k = (
-            x.to(env.device, non_blocking=True, memory_format=memory_format)
-            for x in images
-        )
+        meters.loaded()
+        im_q, im_k = run.inputs(images)
 
         # compute output, loss, gradient and SGD step
         try:
-            output, target, loss_value, stop_now = train_step(
+            logits, loss, acc1, acc5, stop = train_step(
                 model,
                 criterion,
                 optimizer,
                 im_q,
                 im_k,
-                scaler=scaler,
-                autocast=autocast,
+                scaler=run.scaler,
+                autocast=run.autocast,
                 symmetric=args.symmetric,
-                stop_requested=stop.received is not None,
+                stop_requested=run.stop.received is not None,
             )
         except NonFiniteLossError as e:
-            raise NonFiniteLossError(
-                f"{e} at epoch {epoch} step {i}; stopped without saving (the last "
-                f"checkpoint in {args.output_dir!r} is intact). Try a lower --lr or "
-                "--amp-dtype bfloat16"
-            ) from None
+            raise e.at(epoch, i, args.output_dir) from None
 
         # acc1/acc5 are (K+1)-way contrast classifier accuracy
-        # measure accuracy and record loss
-        record_step(averaged, output, target, loss_value, im_q.size(0))
-
-        # measure elapsed time
-        batch_time.update(time.time() - end)
-        end = time.time()
-
+        meters.update(loss, acc1, acc5, im_q.size(0))
         if i % args.print_freq == 0:
-            progress.display(i)
-            done = i + 1 - first
-            record = {
-                "kind": "step",
-                "epoch": epoch,
-                "step": i,
-                "global_step": epoch * total + i,
-                "loss": losses.val,
-                "acc1": top1.val,
-                "acc5": top5.val,
-                "lr": lr,
-                "images_per_s": im_q.size(0)
-                * env.world_size
-                / max(batch_time.val, 1e-9),
-                "data_share": data_time.sum / max(batch_time.sum, 1e-9),
-                "epoch_eta_s": (end - epoch_start) / done * (total - i - 1),
-            }
-            log.log(record, step=epoch * total + i)
-
-        steps_done = i + 1
-        if stop_now:
-            logger.info(
-                f"=> stopped by a signal at epoch {epoch} step {steps_done}; resume "
-                f"with --resume auto --output-dir {args.output_dir}"
-            )
-            # at the epoch's last step the epoch is complete: saved as every epoch is
-            if steps_done < total:
-                checkpointer.save_mid_epoch(epoch, steps_done, averaged)
-                return False, True
+            run.log.log(meters.step_record(i, lr), step=epoch * total + i)
+        if run.checkpointer.after_step(epoch, i + 1, total, stop, meters.sums()):
+            return False, True
+        if stop:
             break
-        if args.save_freq and steps_done % args.save_freq == 0 and steps_done < total:
-            checkpointer.save_mid_epoch(epoch, steps_done, averaged)
 
-    elapsed = time.time() - epoch_start
-    record = {
-        "kind": "epoch",
-        "epoch": epoch,
-        "loss": losses.avg,
-        "acc1": top1.avg,
-        "acc5": top5.avg,
-        "lr": lr,
-        "epoch_time_s": elapsed,
-        "images_per_s": (losses.count - images_before)
-        * env.world_size
-        / max(elapsed, 1e-9),
-        "data_share": data_time.sum / max(batch_time.sum, 1e-9),
-        "eta_s": elapsed * (args.epochs - epoch - 1),
-    }
-    log.log(record, step=(epoch + 1) * total)
+    run.log.log(meters.epoch_record(lr, args.epochs), step=(epoch + 1) * total)
     skipped = int(train_loader.dataset.skipped)
     if skipped:
         logger.warning(f"=> {skipped} unreadable image(s) skipped so far")
-    return True, stop_now
+    return True, stop
 
 
 def train_step(
@@ -582,10 +520,10 @@ def train_step(
     stop_requested=False,
 ):
     """
-    One MoCo step: forward, loss, backward, SGD. Returns (logits, targets, loss value,
-    whether to stop now). Every process agrees, before the update, to stop on a
-    signal any of them received, and to raise NonFiniteLossError on a NaN or infinite
-    loss on any of them.
+    One MoCo step: forward, loss, backward, SGD. Returns (logits, loss, top-1 and
+    top-5 accuracy in % of the (K+1)-way contrast, whether to stop now).
+    Every process agrees, before the update, to stop on a signal any of them
+    received, and to raise NonFiniteLossError on a NaN or infinite loss on any of them.
     """
     with autocast:
         output, target = model(im_q=im_q, im_k=im_k)
@@ -594,8 +532,8 @@ def train_step(
         # the official demo sums the two directions' mean losses
         loss = loss * 2
 
-    # the loss on the host: the one synchronisation of a step, which the flags share
-    loss_value = loss.item()
+    # the step's one host read: the loss, for the flags, and the accuracies
+    loss_value, acc1, acc5 = read_step(loss, output, target)
     finite = math.isfinite(loss_value)
     stop, non_finite = any_process([stop_requested, not finite], output.device)
     if non_finite:
@@ -608,7 +546,7 @@ def train_step(
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return output, target, loss_value, stop
+    return output, loss_value, acc1, acc5, stop
 
 
 def print_summary(args, env, train_loader):

@@ -9,14 +9,14 @@
 
 Variants, timed interleaved (a, b, o, o, b, a, ...), medians after warm-up:
   (a) step:     main_moco.train_step, as main_moco.train calls it: MoCo forward,
-                cross-entropy, loss.item() and the stop/NaN flags, backward, SGD over
-                model.parameters() (DDP, forward_sync_buffers=False); then accuracy
+                cross-entropy, one host read of the loss and the accuracy counts, the
+                stop/NaN flags, backward, SGD over model.parameters() (DDP without
+                buffer broadcasts)
   (b) floor:    the same backbone alone: query forward + backward, key forward without
                 grad, SGD over the query encoder (DDP over the query encoder)
   (o) original: as (a) with the original's formulas (tests/original.py) for the parts
-                this project changed (allocating momentum update, all-gather shuffle, a
-                second gather of the keys, host-read enqueue pointer, DDP broadcasting
-                every buffer)
+                this project changed (allocating momentum update, all-gather shuffle,
+                host-read enqueue pointer, DDP broadcasting every buffer)
 Then each MoCo-specific part alone, and (with several processes) the bytes each process
 sends and receives per step, counted analytically and measured on the collectives.
 Batch (-b) is per process. Input is random; no data loading is timed.
@@ -42,7 +42,7 @@ import moco.builder  # noqa: E402
 from main_moco import create_model, train_step  # noqa: E402
 from moco.builder import world_size_and_rank  # noqa: E402
 from moco.distributed import any_process, wrap_ddp  # noqa: E402
-from moco.meters import accuracy  # noqa: E402
+from moco.meters import read_step  # noqa: E402
 from tests.original import OriginalMoCo, original_logits  # noqa: E402
 
 
@@ -281,7 +281,8 @@ class Bench:
     def moco_step(self, which):
         _, model, optimizer, scaler = which
         im_q, im_k = self.inputs()
-        output, target, _, _ = train_step(
+        # the accuracy counts are read with the loss, as in training
+        train_step(
             model,
             self.criterion,
             optimizer,
@@ -291,7 +292,6 @@ class Bench:
             autocast=self.autocast(),
             symmetric=self.args.symmetric,
         )
-        accuracy(output, target, topk=(1, 5))
 
     def floor_step(self):
         im_q, im_k = self.inputs()
@@ -389,14 +389,13 @@ class Bench:
         out["enqueue"] = self.median_time(lambda: model._dequeue_and_enqueue(k))
         output, loss = logits(make_q())
 
-        def flags():
-            any_process([False, not math.isfinite(loss.item())], dev)
-
-        out["loss.item() + stop flags"] = self.median_time(flags)
         target = torch.zeros(n, dtype=torch.long, device=dev)
-        out["accuracy top-1/5"] = self.median_time(
-            lambda: accuracy(output, target, (1, 5))
-        )
+
+        def read_and_flags():
+            loss_value, _, _ = read_step(loss, output, target)
+            any_process([False, not math.isfinite(loss_value)], dev)
+
+        out["accuracy counts, host read, stop flags"] = self.median_time(read_and_flags)
         return out
 
     # ------------------------------------------------------------ traffic

@@ -6,6 +6,7 @@ state_dict keys 'module.encoder_q.*', 'module.encoder_k.*', 'module.queue',
 strings, lists, tuples and dicts only, so a crafted file cannot run code.
 """
 
+import errno
 import os
 import pickle
 import random
@@ -14,8 +15,10 @@ import shutil
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from moco.distributed import broadcast_object
+from moco.models import build_encoder
 from moco.utils import UsageError, logger
 
 # prefixes under which a MoCo file holds its query encoder
@@ -32,11 +35,12 @@ class CheckpointError(UsageError):
     """A file that is missing, unreadable, unsafe or of the wrong kind."""
 
 
-def _atomic_write(path, write):
+def _atomic_write(path, write, size):
     """
     write(file) into a temporary file beside `path`, flushed to disk, then renamed to
     `path`: a kill or a full disk at any moment leaves either the previous file or the
-    new one under that name, never a partial file.
+    new one under that name, never a partial file. A full disk is a one-line
+    CheckpointError; size: about how many bytes the file takes, for its message.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
@@ -46,9 +50,12 @@ def _atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # torch.save reports a full disk as a RuntimeError of its zip writer
+        if isinstance(e, (OSError, RuntimeError)) and _disk_full(e, directory, size):
+            raise CheckpointError(_disk_full_message(path, size)) from None
         raise
     # make the rename itself durable
     try:
@@ -61,12 +68,44 @@ def _atomic_write(path, write):
         pass
 
 
+def _disk_full(error, directory, size):
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < size
+    except OSError:
+        return False
+
+
+def _disk_full_message(path, size):
+    directory = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(directory).free
+    latest = find_latest_checkpoint(directory)
+    resume = f"; --resume auto would use {latest!r}" if latest else ""
+    return (
+        f"no space left to write {path!r} (about {size / 2**20:.1f} MiB needed, "
+        f"{free / 2**20:.1f} MiB free); no partial file is left{resume}. Free some "
+        "space (--keep-last N keeps fewer checkpoints) or write to another disk"
+    )
+
+
+def state_bytes(obj) -> int:
+    """The bytes of the tensors in `obj` (nested dicts, lists, tuples): a file's size."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(state, path, writer=torch.save):
     """
     Write `state` to `path` atomically (all of it or nothing). writer(state, file)
     serialises; torch.save unless another format is wanted.
     """
-    _atomic_write(path, lambda f: writer(state, f))
+    _atomic_write(path, lambda f: writer(state, f), state_bytes(state))
 
 
 def copy_checkpoint(src, dst):
@@ -76,7 +115,7 @@ def copy_checkpoint(src, dst):
         with open(src, "rb") as source:
             shutil.copyfileobj(source, f)
 
-    _atomic_write(dst, copy)
+    _atomic_write(dst, copy, os.path.getsize(src))
 
 
 def with_module_prefix(state_dict):
@@ -214,6 +253,48 @@ def load_encoder(model, path, arch=None, what="--pretrained", obj=None):
     return state_dict
 
 
+# the heads of MoCo v1 (one linear layer) and v2 (--mlp: linear, ReLU, linear)
+MOCO_HEADS = (
+    {"fc.weight", "fc.bias"},
+    {f"fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
+)
+
+
+def load_encoder_with_head(path, arch, small_stem=False):
+    """The query encoder of a MoCo checkpoint with its head, linear or MLP (--mlp)."""
+    obj = load_checkpoint(path, what="--pretrained")
+    state_dict, _ = encoder_state_dict(obj, path, keep_head=True)
+    head = {k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
+    if set(head) not in MOCO_HEADS or any(
+        v.dim() != 2 for k, v in head.items() if k.endswith("weight")
+    ):
+        raise CheckpointError(
+            f"{path!r} holds no MoCo v1/v2 head (fc.* is {sorted(head)[:4] or 'absent'}); "
+            "use --knn-features backbone"
+        )
+    model = build_encoder(arch, small_stem=small_stem)
+    load_encoder(model, path, arch, obj=obj)
+    if "fc.weight" in head:
+        out_dim, in_dim = head["fc.weight"].shape
+        model.fc = nn.Linear(in_dim, out_dim)
+    else:
+        hidden, in_dim = head["fc.0.weight"].shape
+        out_dim = head["fc.2.weight"].shape[0]
+        # names as MoCo's: fc.0.* and fc.2.*
+        model.fc = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+        )
+    try:
+        model.fc.load_state_dict(
+            {k.removeprefix(HEAD_PREFIX): v for k, v in head.items()}
+        )
+    except RuntimeError:
+        raise CheckpointError(
+            f"{path!r}: its head (fc.*) does not fit -a {arch}"
+        ) from None
+    return model
+
+
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
 LAST_NAME = "checkpoint_last.pth.tar"
 
@@ -294,6 +375,94 @@ def check_pretrain_resume(path, arch, moco_dim, moco_k, mlp):
         )
 
 
+def model_state(epoch, arch, model, optimizer) -> dict:
+    """The original's checkpoint: completed epochs, arch, state_dict as DDP names it
+    ('module.*'), optimizer."""
+    return {
+        "epoch": epoch,
+        "arch": arch,
+        "state_dict": with_module_prefix(model.state_dict()),
+        "optimizer": optimizer.state_dict(),
+    }
+
+
+def restore(path, model, optimizer, what="--resume checkpoint") -> dict:
+    """
+    Load the model and optimizer of the checkpoint at `path` wherever they are, and
+    return the file's contents. The file is read onto the CPU: load_state_dict copies
+    each tensor to its parameter's device, and the random states stay CPU tensors
+    (NumPy's is read back with .numpy(), which refuses a CUDA tensor).
+    """
+    state = load_checkpoint(path, map_location="cpu", what=what)
+    model.load_state_dict(without_module_prefix(state["state_dict"]))
+    optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+class ClassifierCheckpointer:
+    """
+    The checkpoints of linear classification in `output_dir`, in the original's
+    format: checkpoint.pth.tar after every epoch (epoch, arch, state_dict,
+    best_acc1, optimizer) and model_best.pth.tar, a copy of the best epoch's.
+    """
+
+    LAST, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
+
+    def __init__(self, output_dir, model, optimizer, *, arch, enabled=True):
+        self.output_dir = output_dir
+        self.model = model
+        self.optimizer = optimizer
+        self.arch = arch
+        self.enabled = enabled
+
+    def save(self, epoch: int, best_acc1: float, is_best: bool) -> None:
+        """After epoch `epoch` (from 0)."""
+        if not self.enabled:
+            return
+        state = model_state(epoch + 1, self.arch, self.model, self.optimizer)
+        state["best_acc1"] = best_acc1
+        path = os.path.join(self.output_dir, self.LAST)
+        save_checkpoint(state, path)
+        if is_best:
+            copy_checkpoint(path, os.path.join(self.output_dir, self.BEST))
+
+    def resume(self, path: str) -> tuple[int, float]:
+        """Load model and optimizer; returns (completed epochs, best Acc@1)."""
+        state = restore(path, self.model, self.optimizer)
+        return state["epoch"], float(state["best_acc1"])
+
+
+def check_classifier_resume(path, arch, model, hint=""):
+    """
+    Refuse a --resume file that is not a linear classifier of `model` (a fresh one
+    of -a `arch`); hint: what else must match, for the message.
+    """
+    state = load_checkpoint(path, what="--resume checkpoint")
+    sd = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        problem = "no state_dict"
+    else:
+        missing = [k for k in ("epoch", "optimizer", "best_acc1") if k not in state]
+        problem = f"no {missing[0]!r}" if missing else None
+        if problem and any("encoder_q." in k for k in sd):
+            problem += "; a pretraining checkpoint goes to --pretrained"
+    if problem:
+        raise CheckpointError(
+            f"--resume {path!r} is not a checkpoint of main_lincls.py ({problem})"
+        )
+    if state.get("arch", arch) != arch:
+        raise CheckpointError(
+            f"--resume {path!r} is a {state['arch']} model; got -a {arch}"
+        )
+    try:
+        model.load_state_dict(without_module_prefix(sd))
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise CheckpointError(
+            f"--resume {path!r} does not fit -a {arch}{hint}: {detail[:200]}"
+        ) from None
+
+
 class Checkpointer:
     """
     The checkpoints of a pretraining run in `output_dir`, in the original's format
@@ -314,6 +483,7 @@ class Checkpointer:
         args=None,
         data_seed=None,
         keep_last=0,
+        save_freq=0,
         enabled=True,
     ):
         self.output_dir = output_dir
@@ -323,6 +493,7 @@ class Checkpointer:
         self.arch = arch
         self.args = dict(args or {})
         self.keep_last = keep_last
+        self.save_freq = save_freq
         self.enabled = enabled
         # the seed of the augmentations; a resumed run takes its file's
         self.data_seed = data_seed
@@ -340,23 +511,36 @@ class Checkpointer:
             os.remove(last)
         remove_old_checkpoints(self.output_dir, self.keep_last)
 
-    def save_mid_epoch(self, epoch, steps_done, meters=()):
+    def after_step(self, epoch, steps_done, total, stop, meter_sums):
+        """
+        After `steps_done` of the `total` steps of epoch `epoch`: saves mid-epoch when
+        every process agreed to `stop` or every --save-freq steps; returns whether
+        the run stops within the epoch. A stop at the epoch's last step completes the
+        epoch, which is then saved as every epoch is.
+        """
+        within = steps_done < total
+        if stop:
+            logger.info(
+                f"=> stopped by a signal at epoch {epoch} step {steps_done}; resume "
+                f"with --resume auto --output-dir {self.output_dir}"
+            )
+        if within and (stop or (self.save_freq and steps_done % self.save_freq == 0)):
+            self.save_mid_epoch(epoch, steps_done, meter_sums)
+        return stop and within
+
+    def save_mid_epoch(self, epoch, steps_done, meter_sums=None):
         """
         Within epoch `epoch`, after `steps_done` of its steps: checkpoint_last, with the
-        sums of the epoch's AverageMeters so far, for whole-epoch averages on resume.
+        sums of the epoch's meters so far, for whole-epoch averages on resume.
         """
         if self.enabled:
-            sums = {meter.name: meter.state() for meter in meters}
-            self._save(epoch, steps_done, LAST_NAME, sums)
+            self._save(epoch, steps_done, LAST_NAME, meter_sums)
 
     def _save(self, epoch, steps_done, name, meters=None):
         state = {
-            # completed epochs, and steps done in the epoch in progress
-            "epoch": epoch,
+            **model_state(epoch, self.arch, self.model, self.optimizer),
+            # steps done in the epoch in progress
             "iter": steps_done,
-            "arch": self.arch,
-            "state_dict": with_module_prefix(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
             "args": self.args,
             "data_seed": self.data_seed,
             "rng": get_rng_state(),
@@ -392,12 +576,7 @@ class Checkpointer:
         the model and optimizer wherever they are; returns (completed epochs, steps
         done in the next epoch).
         """
-        # read onto the CPU: load_state_dict copies each tensor to its parameter's
-        # device, and the random states must stay CPU tensors (NumPy's is read back
-        # with .numpy(), which refuses a CUDA tensor)
-        state = load_checkpoint(path, map_location="cpu", what="--resume checkpoint")
-        self.model.load_state_dict(without_module_prefix(state["state_dict"]))
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = restore(path, self.model, self.optimizer)
         # files of the original have neither data seed nor random states
         self.data_seed = state.get("data_seed", self.data_seed)
         self.meters = state.get("meters", {})

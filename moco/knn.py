@@ -30,16 +30,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from moco.checkpoint import (
-    HEAD_PREFIX,
-    encoder_state_dict,
-    load_checkpoint,
-    load_encoder,
-)
 from moco.data import SeededImageFolder, check_val_folder, load_image
 from moco.distributed import all_gather_rows, get_world_size, shard_range
 from moco.loader import eval_transforms
-from moco.models import build_encoder
 from moco.utils import UsageError, logger
 
 # similarities computed at once, bounding memory: 2**24 float32 values are 64 MiB
@@ -307,43 +300,3 @@ def knn_accuracy(encoder, data_dir, env, options, batch_size, workers, skip_bad=
         f"{time.time() - start_time:.1f} s"
     )
     return acc
-
-
-# the heads of MoCo v1 (one linear layer) and v2 (--mlp: linear, ReLU, linear)
-MOCO_HEADS = (
-    {"fc.weight", "fc.bias"},
-    {f"fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
-)
-
-
-def load_encoder_with_head(path, arch, small_stem=False):
-    """The query encoder of a MoCo checkpoint with its head, linear or MLP (--mlp)."""
-    obj = load_checkpoint(path, what="--pretrained")
-    state_dict, _ = encoder_state_dict(obj, path, keep_head=True)
-    head = {k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
-    if set(head) not in MOCO_HEADS or any(
-        v.dim() != 2 for k, v in head.items() if k.endswith("weight")
-    ):
-        raise UsageError(
-            f"{path!r} holds no MoCo v1/v2 head (fc.* is {sorted(head)[:4] or 'absent'}); "
-            "use --knn-features backbone"
-        )
-    model = build_encoder(arch, small_stem=small_stem)
-    load_encoder(model, path, arch, obj=obj)
-    if "fc.weight" in head:
-        out_dim, in_dim = head["fc.weight"].shape
-        model.fc = nn.Linear(in_dim, out_dim)
-    else:
-        hidden, in_dim = head["fc.0.weight"].shape
-        out_dim = head["fc.2.weight"].shape[0]
-        # names as MoCo's: fc.0.* and fc.2.*
-        model.fc = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
-        )
-    try:
-        model.fc.load_state_dict(
-            {k.removeprefix(HEAD_PREFIX): v for k, v in head.items()}
-        )
-    except RuntimeError:
-        raise UsageError(f"{path!r}: its head (fc.*) does not fit -a {arch}") from None
-    return model

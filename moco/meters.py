@@ -1,6 +1,7 @@
 """Meters of a training or validation loop, accuracy, and the metric log."""
 
 import json
+import time
 
 import torch
 
@@ -54,33 +55,120 @@ class ProgressMeter:
         logger.info("\t".join(entries))
 
 
-def accuracy(output, target, topk=(1,)):
-    """Top-k accuracies in percent (Python floats); k is capped at the number of classes."""
+def correct_counts(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)):
+    """
+    How many rows of `output` rank their target within the top k, for each k, as one
+    float tensor on output's device: read to the host once with the step's other values.
+    """
     with torch.no_grad():
         maxk = min(max(topk), output.shape[1])
-        batch_size = target.size(0)
-
         _, pred = output.topk(maxk, 1, True, True)
-        pred = pred.t()
-        correct = pred.eq(target.view(1, -1).expand_as(pred))
-
-        res = []
-        for k in topk:
-            correct_k = correct[: min(k, maxk)].reshape(-1).float().sum()
-            res.append(correct_k.item() * 100.0 / batch_size)
-        return res
+        correct = pred.t().eq(target.view(1, -1).expand(maxk, -1))
+        return torch.stack([correct[: min(k, maxk)].sum() for k in topk]).float()
 
 
-def record_step(meters, output, target, loss_value, n):
+def read_step(loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor):
     """
-    The step's top-1 and top-5 accuracy of `output` and its loss into `meters` (loss,
-    top-1, top-5 AverageMeters), each weighted by `n` images.
+    (loss, top-1 %, top-5 %) of a step as Python floats, in one host read: on a GPU
+    each read waits for the device, so a step makes one.
     """
-    losses, top1, top5 = meters
-    acc1, acc5 = accuracy(output, target, topk=(1, 5))
-    losses.update(loss_value, n)
-    top1.update(acc1, n)
-    top5.update(acc5, n)
+    counts = correct_counts(output, target, (1, 5))
+    loss_value, correct1, correct5 = torch.cat(
+        [loss.detach().float().view(1), counts]
+    ).tolist()
+    rows = target.size(0)
+    return loss_value, correct1 * 100.0 / rows, correct5 * 100.0 / rows
+
+
+class TrainMeters:
+    """
+    The meters of one training epoch (time, data time, loss, Acc@1, Acc@5), its
+    progress lines and its step and epoch records. A resumed epoch's averages go on
+    from the sums a mid-epoch checkpoint kept (`sums`).
+    """
+
+    def __init__(
+        self,
+        epoch: int,
+        total: int,
+        first: int = 0,
+        world_size: int = 1,
+        sums: dict | None = None,
+    ):
+        self.epoch, self.total, self.first = epoch, total, first
+        self.world_size = world_size
+        self.batch_time = AverageMeter("Time", ":6.3f")
+        self.data_time = AverageMeter("Data", ":6.3f")
+        self.losses = AverageMeter("Loss", ":.4e")
+        self.top1 = AverageMeter("Acc@1", ":6.2f")
+        self.top5 = AverageMeter("Acc@5", ":6.2f")
+        self.progress = ProgressMeter(
+            total,
+            [self.batch_time, self.data_time, self.losses, self.top1, self.top5],
+            prefix=f"Epoch: [{epoch}]",
+        )
+        for meter in self.averaged:
+            if sums and meter.name in sums:
+                meter.load_state(sums[meter.name])
+        self.images_before = self.losses.count
+        self.n = 0  # the last step's samples
+        self.start = self.end = time.time()
+
+    @property
+    def averaged(self):
+        """The meters whose sums a mid-epoch checkpoint keeps."""
+        return (self.losses, self.top1, self.top5)
+
+    def sums(self) -> dict:
+        return {meter.name: meter.state() for meter in self.averaged}
+
+    def loaded(self):
+        """A batch arrived from the loader."""
+        self.data_time.update(time.time() - self.end)
+
+    def update(self, loss: float, acc1: float, acc5: float, n: int):
+        """A step done: its loss and top-1/top-5 accuracy (%), weighted by `n`."""
+        self.n = n
+        self.losses.update(loss, n)
+        self.top1.update(acc1, n)
+        self.top5.update(acc5, n)
+        self.batch_time.update(time.time() - self.end)
+        self.end = time.time()
+
+    def step_record(self, step: int, lr: float) -> dict:
+        """The progress line of `step`, printed, and its log record."""
+        self.progress.display(step)
+        done = step + 1 - self.first
+        return {
+            "kind": "step",
+            "epoch": self.epoch,
+            "step": step,
+            "global_step": self.epoch * self.total + step,
+            "loss": self.losses.val,
+            "acc1": self.top1.val,
+            "acc5": self.top5.val,
+            "lr": lr,
+            "images_per_s": self.n * self.world_size / max(self.batch_time.val, 1e-9),
+            "data_share": self.data_time.sum / max(self.batch_time.sum, 1e-9),
+            "epoch_eta_s": (self.end - self.start) / done * (self.total - step - 1),
+        }
+
+    def epoch_record(self, lr: float, epochs: int) -> dict:
+        """The epoch's averages and speed, as logged after its last step."""
+        elapsed = time.time() - self.start
+        trained = self.losses.count - self.images_before
+        return {
+            "kind": "epoch",
+            "epoch": self.epoch,
+            "loss": self.losses.avg,
+            "acc1": self.top1.avg,
+            "acc5": self.top5.avg,
+            "lr": lr,
+            "epoch_time_s": elapsed,
+            "images_per_s": trained * self.world_size / max(elapsed, 1e-9),
+            "data_share": self.data_time.sum / max(self.batch_time.sum, 1e-9),
+            "eta_s": elapsed * (epochs - self.epoch - 1),
+        }
 
 
 class JsonLogger:

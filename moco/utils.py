@@ -19,6 +19,14 @@ class UsageError(Exception):
 class NonFiniteLossError(Exception):
     """The loss became NaN or infinite: training stopped before the update, exit 2."""
 
+    def at(self, epoch: int, step: int, output_dir: str) -> "NonFiniteLossError":
+        """The same error, saying where it happened and what is left."""
+        return NonFiniteLossError(
+            f"{self} at epoch {epoch} step {step}; stopped without saving (the last "
+            f"checkpoint in {output_dir!r} is intact). Try a lower --lr or "
+            "--amp-dtype bfloat16"
+        )
+
 
 # reported as one line and exit status 2, in every process
 ONE_LINE_ERRORS = (UsageError, NonFiniteLossError)

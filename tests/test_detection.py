@@ -348,11 +348,11 @@ def test_failed_write_leaves_no_partial_file(r18, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(convert, "_write_pickle", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="no space left to write"):
         run(r18[0], tmp_path / "out.pkl")
     assert os.listdir(tmp_path) == []
     (tmp_path / "out.pkl").write_bytes(b"previous")
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="no space left to write"):
         run(r18[0], tmp_path / "out.pkl", force=True)
     assert os.listdir(tmp_path) == ["out.pkl"]
     assert (tmp_path / "out.pkl").read_bytes() == b"previous"

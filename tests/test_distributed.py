@@ -14,7 +14,8 @@ from original import OriginalMoCo, original_logits
 from test_builder import images, make_moco
 
 from moco.builder import concat_all_gather
-from moco.distributed import wrap_ddp
+from moco.distributed import local_gpu, wrap_ddp
+from moco.utils import UsageError
 
 N = 4  # per process
 WORLD = 2
@@ -195,3 +196,17 @@ def test_the_ddp_keyword_follows_the_installed_torchs_signature():
     assert ddp_buffer_option() == (
         "forward_sync_buffers" if has_it else "broadcast_buffers"
     )
+
+
+@pytest.mark.parametrize(
+    "local_rank, visible, expected", [(0, 8, 0), (3, 8, 3), (3, 1, 0), (0, 1, 0)]
+)
+def test_each_process_takes_its_own_gpu_or_the_only_one_it_sees(
+    local_rank, visible, expected
+):
+    assert local_gpu(local_rank, visible) == expected
+
+
+def test_a_process_that_sees_neither_its_gpu_nor_one_gpu_is_refused():
+    with pytest.raises(UsageError, match="sees 2 GPUs"):
+        local_gpu(3, 2)

@@ -35,7 +35,7 @@ def train_steps(model, steps, n, seed, ddp=None):
     for i in range(steps):
         # the shuffle's draw
         torch.manual_seed(seed + i)
-        logits, _, _, _ = train_step(
+        logits = train_step(
             ddp or model,
             nn.CrossEntropyLoss(),
             opt,
@@ -44,7 +44,7 @@ def train_steps(model, steps, n, seed, ddp=None):
             scaler=scaler,
             autocast=torch.autocast("cpu", enabled=False),
             symmetric=model.symmetric,
-        )
+        )[0]
         out.append(logits.detach())
     return out
 

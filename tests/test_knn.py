@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import main_knn
 import main_moco
 from moco import knn
+from moco.checkpoint import load_encoder_with_head
 from moco.models import build_encoder
 from moco.utils import UsageError
 
@@ -340,7 +341,7 @@ def test_head_features_of_a_checkpoint_are_the_query_encoders_output(tmp_path, m
     model = small_moco(mlp)
     path = tmp_path / "moco.pth.tar"
     save_moco(model, path, arch="resnet18")
-    loaded = knn.load_encoder_with_head(str(path), "resnet18", small_stem=True)
+    loaded = load_encoder_with_head(str(path), "resnet18", small_stem=True)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model.encoder_q.eval()(x))
@@ -367,4 +368,4 @@ def test_a_head_that_is_not_moco_v1_or_v2_is_refused_in_one_line(tmp_path):
     path = tmp_path / "v3.pth.tar"
     save_moco(model, path)
     with pytest.raises(UsageError, match="holds no MoCo v1/v2 head"):
-        knn.load_encoder_with_head(str(path), "resnet18", small_stem=True)
+        load_encoder_with_head(str(path), "resnet18", small_stem=True)

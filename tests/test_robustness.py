@@ -193,12 +193,50 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(
         f.write(b"PK\x03\x04 half a zip file")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    # one line: the file, the space it needs, the checkpoint --resume auto takes
+    with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.save_checkpoint(
             {"epoch": 2, "w": torch.zeros(3)}, str(path), writer=dies_half_way
         )
+    message = str(e.value)
+    assert "\n" not in message and f"no space left to write {str(path)!r}" in message
+    assert (
+        "MiB needed" in message and f"--resume auto would use {str(path)!r}" in message
+    )
     assert load(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["checkpoint_0000.pth.tar"]  # no temporary file left
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_checkpoint(
+    image_folder, tmp_path
+):
+    run_moco(image_folder, tmp_path / "probe")
+    size = os.path.getsize(tmp_path / "probe" / "checkpoint_0000.pth.tar")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # a filesystem with room for one checkpoint, not two
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(disk)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(
+            "cannot mount a small tmpfs here (needs root); the writer test above "
+            "covers the message"
+        )
+    try:
+        r = script(
+            "main_moco.py", image_folder, *TINY, "--epochs", "2", "--output-dir", disk
+        )
+        first = str(disk / "checkpoint_0000.pth.tar")
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.strip().count("\n") == 0, r.stderr
+        assert "no space left to write" in r.stderr and "checkpoint_0001" in r.stderr
+        assert f"--resume auto would use {first!r}" in r.stderr
+        assert load(first)["epoch"] == 1
+        assert sorted(os.listdir(disk)) == ["checkpoint_0000.pth.tar", "log.jsonl"]
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 def test_keep_last_bounds_the_number_of_epoch_checkpoints(image_folder, tmp_path):
