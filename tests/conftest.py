@@ -46,7 +46,7 @@ TINY = [
     "resnet18",
     "--small-stem",
     "--input-size",
-    "32",
+    "16",
     "--moco-dim",
     "16",
     "--moco-k",
