@@ -362,7 +362,7 @@ def require_labels(data_dir: str, what: str) -> tuple[list[str], int, int]:
     number of training images, number of validation images).
     """
     layout = f"{data_dir}/train/<class>/<image> and {data_dir}/val/<class>/<image>"
-    for split in ("train", "val"):
+    for split, name in (("train", "training"), ("val", "validation")):
         folder = os.path.join(data_dir, split)
         try:
             find_classes(folder)
@@ -371,12 +371,11 @@ def require_labels(data_dir: str, what: str) -> tuple[list[str], int, int]:
                 "has no class folders" if os.path.isdir(folder) else "does not exist"
             )
             raise UsageError(
-                f"{what} needs labelled images, but {folder!r} {problem}: use the "
-                f"layout {layout} (one folder of images per class)"
+                f"{what} needs labelled images, but the {name} data folder {folder!r} "
+                f"{problem}: use the layout {layout} (one folder of images per class)"
             ) from None
-    classes, n_train = check_image_folder(
-        os.path.join(data_dir, "train"), "training data"
-    )
+    train = os.path.join(data_dir, "train")
+    classes, n_train = check_image_folder(train, "training data")
     return classes, n_train, check_val_folder(data_dir)
 
 
@@ -398,11 +397,14 @@ def own_key_fraction(moco_k: int, n_images: int, keys_per_image: int = 1) -> flo
     return 1.0 - (2.0 - r) ** 2 / 2 if r < 2 else 1.0
 
 
-def queue_warning(moco_k: int, n_images: int, keys_per_image: int = 1) -> str | None:
+def queue_warning(
+    moco_k: int, n_images: int, keys_per_image: int = 1, keys_per_step: int = 1
+) -> str | None:
     """
     One warning line when the queue is so long next to the training set that many
     queries meet their own image among the negatives, with the --moco-k to use; else
-    None. keys_per_image: 2 with --symmetric (both crops' keys are enqueued).
+    None. keys_per_image: 2 with --symmetric (both crops' keys are enqueued);
+    keys_per_step: the keys enqueued per step, which the queue must hold.
     """
     fraction = own_key_fraction(moco_k, n_images, keys_per_image)
     if fraction <= OWN_KEY_LIMIT:
@@ -410,12 +412,18 @@ def queue_warning(moco_k: int, n_images: int, keys_per_image: int = 1) -> str | 
     largest = math.sqrt(2 * OWN_KEY_LIMIT) * keys_per_image * n_images
     suggested = 2 ** int(math.log2(largest)) if largest >= 1 else 1
     epochs = moco_k / (keys_per_image * n_images)
+    batch = (
+        f" and a global batch of at most {max(1, suggested // keys_per_image)} "
+        "(the queue holds at least one step's keys)"
+        if suggested < keys_per_step
+        else ""
+    )
     return (
         f"--moco-k {moco_k} with {n_images} training images: the queue holds "
         f"{epochs:.2g} epochs' worth of keys, so {fraction:.1%} of the queries meet "
-        "an earlier key of their own image among the negatives; use --moco-k "
-        f"{suggested} or smaller (under {OWN_KEY_LIMIT:.0%} of the queries; see "
-        "docs/small_datasets.md)"
+        f"an earlier key of their own image among the negatives; use --moco-k "
+        f"{suggested} or smaller{batch} (under {OWN_KEY_LIMIT:.0%} of the queries; "
+        "see docs/small_datasets.md)"
     )
 
 

@@ -223,11 +223,12 @@ def test_labels_are_required_where_they_are_used(tmp_path, image_folder):
         require_labels(flat, what)
     message = str(e.value)
     assert message.startswith(f"{what} needs labelled images, but ")
-    assert f"{os.path.join(flat, 'train')!r} has no class folders" in message
+    train = os.path.join(flat, "train")
+    assert f"the training data folder {train!r} has no class folders" in message
     assert f"{flat}/train/<class>/<image> and {flat}/val/<class>/<image>" in message
 
     no_val = make_image_folder(tmp_path / "no_val", 2, 2, 8, splits=("train",))
-    with pytest.raises(UsageError, match=r"val' does not exist: use the layout"):
+    with pytest.raises(UsageError, match=r"validation data folder .*val' does not exi"):
         require_labels(no_val, "main_lincls.py")
 
     assert require_labels(image_folder, what) == (
@@ -251,12 +252,19 @@ def test_queue_warning_fires_past_the_limit_and_names_a_smaller_queue():
     assert "--moco-k 1024 or smaller" in line and "\n" not in line
 
     line = queue_warning(65536, 1000)  # the default queue on a small set
-    assert "6.6e+01 epochs" in line or "66 epochs" in line
+    assert "the queue holds 66 epochs' worth of keys" in line
     assert "100.0% of the queries" in line and "--moco-k 128 or smaller" in line
 
     # with --symmetric each image puts two keys in the queue: it spans half the epochs
     assert queue_warning(2 * limit, n, keys_per_image=2) is None
     assert "--moco-k 2048 or smaller" in queue_warning(2 * limit + 2, n, 2)
+
+    # a queue under the limit that cannot hold a batch: the batch must shrink too
+    assert "global batch" not in queue_warning(65536, 1000, keys_per_step=128)
+    line = queue_warning(65536, 1000, keys_per_step=256)
+    assert "--moco-k 128 or smaller and a global batch of at most 128 " in line
+    line = queue_warning(65536, 1000, keys_per_image=2, keys_per_step=512)
+    assert "--moco-k 256 or smaller and a global batch of at most 128 " in line
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.5, 2.5])
