@@ -231,10 +231,12 @@ def find_images(root: str) -> list[str]:
     back to a folder it is in is not followed again.
     """
     images, top = _scan(root)
+    st = os.stat(root)
+    root_ident = (st.st_dev, st.st_ino)
     paths = [os.path.join(root, name) for name in sorted(images)]
     for name, ident in sorted(top):
         found = []  # (folder, its image names)
-        pending = [(os.path.join(root, name), (ident,))]
+        pending = [(os.path.join(root, name), (root_ident, ident))]
         while pending:
             folder, ancestors = pending.pop()
             images, subfolders = _scan(folder)
