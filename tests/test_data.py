@@ -85,12 +85,14 @@ def test_nested_folders_give_imagefolders_samples_in_its_order(tmp_path):
 
 
 def test_a_link_back_to_a_parent_folder_is_not_followed_again(tmp_path):
-    root = tree(tmp_path / "train", ["a/x.jpg", "a/b/y.jpg"])
+    root = tree(tmp_path / "train", ["top.jpg", "a/x.jpg", "a/b/y.jpg", "c/z.jpg"])
     os.symlink(tmp_path / "train" / "a", tmp_path / "train" / "a" / "b" / "loop")
     os.symlink(tmp_path / "train", tmp_path / "train" / "a" / "b" / "to-root")
     assert find_images(root) == [
+        os.path.join(root, "top.jpg"),
         os.path.join(root, "a", "x.jpg"),
         os.path.join(root, "a", "b", "y.jpg"),
+        os.path.join(root, "c", "z.jpg"),
     ]
 
 
