@@ -9,7 +9,6 @@ the launch modes of main_moco.py (see README.md); the figure is exact in every o
 """
 
 import argparse
-import os
 
 import torch
 
@@ -24,7 +23,7 @@ from moco.cli import (
     launch_settings,
     run_cli,
 )
-from moco.data import check_image_folder
+from moco.data import require_labels
 from moco.distributed import cleanup, init_distributed, launch, shared_seed
 from moco.knn import check_knn_data, knn_accuracy
 from moco.models import build_encoder, check_arch
@@ -87,7 +86,7 @@ def main(args):
     if args.pretrained:
         # refuse a wrong file before reading any data
         create_model(args)
-    check_image_folder(os.path.join(args.data, "train"), "training data")
+    require_labels(args.data, "main_knn.py (kNN evaluation)")
     check_knn_data(args.data, args.input_size if args.knn_crop == "none" else None)
     return launch(main_worker, launch_settings(args), args)
 

@@ -31,8 +31,7 @@ from moco.cli import (
 from moco.data import (
     EpochSampler,
     SeededImageFolder,
-    check_image_folder,
-    check_val_folder,
+    require_labels,
 )
 from moco.distributed import (
     all_reduce_sum,
@@ -134,8 +133,7 @@ def main(args):
     model = create_model(args, 1000)
     if args.pretrained:  # refuse a wrong file before reading any data
         ckpt.load_encoder(model, args.pretrained, args.arch)
-    classes, _ = check_image_folder(os.path.join(args.data, "train"), "training data")
-    check_val_folder(args.data)
+    classes, _, _ = require_labels(args.data, "main_lincls.py (linear classification)")
     if args.resume:
         hint = f" with {len(classes)} classes"
         hint += " and --small-stem" if args.small_stem else ""

@@ -33,7 +33,7 @@ from moco.cli import (
     launch_settings,
     run_cli,
 )
-from moco.data import EpochSampler, SeededImageFolder, check_image_folder
+from moco.data import EpochSampler, pretrain_images, queue_warning, require_labels
 from moco.distributed import (
     PREEMPTED_EXIT_CODE,
     DistEnv,
@@ -116,6 +116,14 @@ def get_args_parser():
         metavar="N",
         help="BatchNorm statistics over N groups of each process's batch, as N GPUs "
         "would (default: 1)",
+    )
+    extra.add_argument(
+        "--train-list",
+        default=None,
+        metavar="FILE",
+        help="pretrain on the images listed in FILE, one path per line (absolute or "
+        "relative to DIR; blank lines and # comments skipped), in its order "
+        "(default: every image under DIR/train, class folders or not, else under DIR)",
     )
     extra.add_argument(
         "--symmetric",
@@ -214,6 +222,7 @@ def check_args(args):
     # refuses a --knn-k or --knn-t out of range
     knn_options(args)
     if args.knn_freq:
+        require_labels(args.data, "the kNN monitor (--knn-freq)")
         check_knn_data(args.data, args.input_size if args.knn_crop == "none" else None)
 
     per_proc = args.batch_size // settings.processes_per_node()
@@ -245,7 +254,7 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    _, n_images = check_image_folder(os.path.join(args.data, "train"), "training data")
+    n_images = len(pretrain_images(args.data, args.train_list).paths)
     settings = launch_settings(args)
     world_size = settings.total_processes()
     per_proc = args.batch_size // settings.processes_per_node()
@@ -407,8 +416,9 @@ def create_loader(args, data_seed, env, batch_size, workers):
             recipe(args), args.input_size, args.aug_impl, args.normalize
         )
         augment = None
-    train_dataset = SeededImageFolder(
-        os.path.join(args.data, "train"),
+    images = pretrain_images(args.data, args.train_list)
+    logger.info(f"=> {images.layout}")
+    train_dataset = images.dataset(
         transform,
         data_seed=data_seed,
         skip_bad=args.skip_bad_images,
@@ -559,6 +569,9 @@ def print_summary(args, env, train_loader):
         if args.amp
         else "float32"
     )
+    slow = emulated_amp_warning(args, env.device)
+    if slow:
+        precision += ", emulated on this CPU"
     wraps = "" if args.moco_k % keys == 0 else " (not a multiple: the enqueue wraps)"
     schedule = "cosine" if args.cos else f"steps at {args.schedule}"
     lines = [
@@ -578,6 +591,40 @@ def print_summary(args, env, train_loader):
     ]
     for line in lines:
         logger.info("=> " + line)
+    if slow and env.is_main:
+        logger.warning("=> " + slow)
+    warning = queue_warning(
+        args.moco_k, len(train_loader.dataset), 2 if args.symmetric else 1, keys
+    )
+    if warning and env.is_main:
+        logger.warning("=> " + warning)
+
+
+# bfloat16 over float32 step time where the CPU emulates bfloat16 (docs/precision.md)
+EMULATED_BF16_SLOWDOWN = 9.8
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """
+    Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX, used by
+    oneDNN); without, torch emulates it, many times slower than float32.
+    """
+    # ATEN_CPU_CAPABILITY=avx2 limits torch to AVX2 on any x86 CPU
+    if torch.backends.cpu.get_cpu_capability() in ("NO AVX", "AVX2"):
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def emulated_amp_warning(args, device):
+    """The warning for --amp where bfloat16 runs emulated on the CPU, or None."""
+    if not args.amp or device.type != "cpu" or cpu_has_native_bfloat16():
+        return None
+    return (
+        f"--amp on a CPU without native bfloat16 "
+        f"({torch.backends.cpu.get_cpu_capability()}): bfloat16 is emulated, a step "
+        f"takes about {EMULATED_BF16_SLOWDOWN:g}x as long as in float32 (ResNet-18 "
+        "measured); drop --amp on this machine"
+    )
 
 
 def knn_monitor(encoder, args, env, epoch, log):

@@ -3,9 +3,22 @@
 import json
 import math
 import os
+import shutil
 
+import pytest
 import torch
-from conftest import REPO, TINY, assert_same_state, free_port, load, run_moco, script
+from conftest import (
+    REPO,
+    TINY,
+    assert_same_state,
+    free_port,
+    load,
+    make_image_folder,
+    run_moco,
+    script,
+)
+
+from moco.utils import UsageError
 
 
 def test_cpu_run_writes_the_original_checkpoint_format(image_folder, tmp_path):
@@ -86,6 +99,37 @@ def test_startup_summary_prints_derived_values(image_folder, tmp_path, capsys):
     assert "learning rate: 0.06 (linear scaling for this batch: 0.0009375" in out
     assert "queue: 64 keys = 8 steps of 8 keys" in out
     assert "Epoch: [0][0/3]" in out  # the original's progress lines
+    # K 64 on 24 images: the queue holds the query's own earlier keys
+    assert "--moco-k 64 with 24 training images: the queue holds" in out
+
+
+def test_pretrains_on_unlabeled_images_at_any_depth(tmp_path, capsys):
+    # no DIR/train, no class folders: images two levels down, and at the top
+    flat = tmp_path / "photos"
+    make_image_folder(tmp_path / "src", splits=("train",))
+    for i, path in enumerate(sorted((tmp_path / "src" / "train").rglob("*.jpg"))):
+        target = flat / ("" if i % 2 else f"day{i % 3}/roll") / f"{i}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    run_moco(flat, tmp_path / "out")
+    out = capsys.readouterr().out
+    assert f"no {flat}/train: training on the 24 images under {flat}" in out
+    assert load(tmp_path / "out" / "checkpoint_0000.pth.tar")["epoch"] == 1
+    with pytest.raises(UsageError, match="kNN monitor"):
+        run_moco(flat, tmp_path / "out2", "--knn-freq", "1")
+
+
+def test_amp_on_a_cpu_that_emulates_bfloat16_is_named_a_slow_choice(monkeypatch):
+    import main_moco
+
+    args = main_moco.get_args_parser().parse_args(["x", "--amp"])
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    warning = main_moco.emulated_amp_warning(args, cpu)
+    assert "without native bfloat16 (AVX2)" in warning and "x as long" in warning
+    assert main_moco.emulated_amp_warning(args, torch.device("cuda")) is None
+    args.amp = False
+    assert main_moco.emulated_amp_warning(args, cpu) is None
 
 
 def test_log_has_one_json_object_per_line_with_the_promised_fields(

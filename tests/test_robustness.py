@@ -122,15 +122,27 @@ def test_sigkill_at_random_steps_then_resume_auto_is_bit_identical(
 ):
     data, runs = reference
     out = tmp_path / "out"
+    extra = ["--resume", "auto"]
+    if procs == 1:
+        # unlabeled images: the same files as a list in the folder's order, which
+        # trains as the folder does
+        listed = tmp_path / "train.txt"
+        paths = sorted(
+            os.path.relpath(os.path.join(d, f), data)
+            for d, _, files in os.walk(os.path.join(data, "train"))
+            for f in files
+        )
+        listed.write_text("".join(p + "\n" for p in paths))
+        extra += ["--train-list", listed]
     rng = random.Random(procs)
     total = 3 * EPOCHS
     kills = sorted(rng.sample(range(total - 1), 2))  # two kills at random steps
     for step in kills:
-        proc = start(data, out, "--resume", "auto", procs=procs)
+        proc = start(data, out, *extra, procs=procs)
         wait_for_line(proc, f"Epoch: [{step // 3}][{step % 3}/3]")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    code, text = finish(start(data, out, "--resume", "auto", procs=procs))
+    code, text = finish(start(data, out, *extra, procs=procs))
     assert code == 0, text
     state, averages = runs[procs]
     assert_same_state(state, load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
@@ -412,11 +424,17 @@ def test_bad_data_folders_are_refused_before_training(tmp_path):
 
     assert "does not exist" in _args_error(tmp_path / "missing", tmp_path / "o")
     (tmp_path / "flat" / "train").mkdir(parents=True)
+    assert "holds no images" in _args_error(tmp_path / "flat", tmp_path / "o")
     (tmp_path / "flat" / "train" / "a.jpg").write_bytes(b"")
-    assert "has no class folders" in _args_error(tmp_path / "flat", tmp_path / "o")
+    # pretraining needs no class folders; the kNN monitor does
+    assert "no full batch" in _args_error(tmp_path / "flat", tmp_path / "o")
+    knn = ("--knn-freq", "1")
+    assert "has no class folders" in _args_error(
+        tmp_path / "flat", tmp_path / "o", *knn
+    )
     data = make_image_folder(tmp_path / "data")
     (tmp_path / "data" / "train" / "empty").mkdir()
-    text = _args_error(data, tmp_path / "o")
+    text = _args_error(data, tmp_path / "o", *knn)
     assert "empty" in text and "holds no images" in text
 
 
