@@ -47,7 +47,7 @@ def as_tuples(params):
     """CropParams as plain tuples, comparable with == (the jitter order is a tensor)."""
     out = []
     for p in params:
-        jitter = p.jitter and (p.jitter[0].tolist(), *p.jitter[1:])
+        jitter = p.jitter and (list(p.jitter[0]), *p.jitter[1:])
         out.append((p.box, jitter, p.gray, p.sigma, p.flip))
     return out
 
@@ -62,10 +62,15 @@ def read(recipe, paths, seeds, size=64):
     return images
 
 
+def batch_of(images):
+    """EncodedImages collated into one EncodedBatch, as a loader worker does."""
+    return collate([(image, 0) for image in images])[0]
+
+
 def batched(recipe, paths, seeds, size=64, device="cpu"):
     """The batched path's (im_q, im_k) of `paths` as one batch."""
     augment = BatchAugment(recipe, size, IMAGENET_MEAN, IMAGENET_STD)
-    return augment(read(recipe, paths, seeds, size), device)
+    return augment(batch_of(read(recipe, paths, seeds, size)), device)
 
 
 def original(recipe, path, seed, size=64):
@@ -171,7 +176,7 @@ def test_cpu_decode_gives_pils_pixels(tmp_path):
     paths = photo_jpegs(tmp_path)
     images = read("v2", paths, range(4))
     augment = BatchAugment("v2", 64, IMAGENET_MEAN, IMAGENET_STD)
-    for x, path in zip(augment.decode(images, "cpu"), paths):
+    for x, path in zip(augment.decode(batch_of(images), "cpu"), paths):
         assert torch.equal(x, F.pil_to_tensor(load_image(path)))
 
 
@@ -273,13 +278,14 @@ def test_a_crops_pixels_do_not_depend_on_the_rest_of_its_batch(tmp_path):
 def test_output_is_normalised_float_crops_on_the_requested_device(tmp_path, recipe):
     paths = photo_jpegs(tmp_path, n=3)
     images = read(recipe, paths, range(3), size=32)
-    q, k = BatchAugment(recipe, 32, IMAGENET_MEAN, IMAGENET_STD)(images, "cpu")
+    batch = batch_of(images)
+    q, k = BatchAugment(recipe, 32, IMAGENET_MEAN, IMAGENET_STD)(batch, "cpu")
     for x in q, k:
         assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
         assert x.device == torch.device("cpu") and x.is_contiguous()
     # with mean 0 and std 1, crops without blur are whole levels over 255
     augment = BatchAugment(recipe, 32, [0.0] * 3, [1.0] * 3)
-    q0, k0 = augment(images, torch.device("cpu"))
+    q0, k0 = augment(batch, torch.device("cpu"))
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
     assert torch.allclose(q, (q0 - mean.view(3, 1, 1)) / std.view(3, 1, 1), atol=1e-5)
     for j, x in enumerate((q0, k0)):
@@ -355,9 +361,9 @@ def test_a_jpeg_the_batch_decoder_refuses_is_decoded_by_pil_with_one_line(
             torch.frombuffer(bytearray(Path(paths[1]).read_bytes()), dtype=torch.uint8)
         )
     augment = BatchAugment("v2", 64, IMAGENET_MEAN, IMAGENET_STD)
-    images = read("v2", paths, [5, 6, 7])
-    q, k = augment(images, "cpu")
-    augment(images, "cpu")  # said once per file
+    batch = batch_of(read("v2", paths, [5, 6, 7]))
+    q, k = augment(batch, "cpu")
+    augment(batch, "cpu")  # said once per file
     messages = [r.getMessage() for r in moco_warnings.records]
     assert len(messages) == 1 and "\n" not in messages[0]
     assert messages[0].startswith(f"=> {paths[1]}: the batched JPEG decoder refused")
@@ -372,10 +378,10 @@ def test_a_jpeg_no_decoder_reads_is_named_in_a_bad_image_error(tmp_path):
     good = jpeg(tmp_path / "good.jpg", photo(160, 120))
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(Path(good).read_bytes()[:3000])
-    images = read("v2", [good, str(truncated)], [0, 1])
+    batch = batch_of(read("v2", [good, str(truncated)], [0, 1]))
     augment = BatchAugment("v2", 64, IMAGENET_MEAN, IMAGENET_STD)
     with pytest.raises(BadImageError, match="truncated.jpg"):
-        augment(images, "cpu")
+        augment(batch, "cpu")
     no_header = tmp_path / "no_header.jpg"
     no_header.write_bytes(b"\xff\xd8\xff" + bytes(100))
     with pytest.raises(BadImageError, match="cannot read image .*no_header.jpg"):
@@ -412,3 +418,55 @@ def test_batched_augmentation_refuses_skip_bad_images(image_folder, tmp_path):
 
     with pytest.raises(UsageError, match="--skip-bad-images needs images decoded"):
         run_moco(image_folder, tmp_path, "--aug-impl", "batched", "--skip-bad-images")
+
+
+def loader_crops(root, workers, batch_size=64, batches=3, recipe="v2"):
+    """The (im_q, im_k) of the first batches of a batched loader, augmented on the CPU."""
+    ds = SeededImageFolder(root, ReadAndSample(recipe, 8), decode=False)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=EpochSampler(ds),
+        num_workers=workers,
+        collate_fn=collate,
+        timeout=20 if workers else 0,
+    )
+    augment = BatchAugment(recipe, 8, IMAGENET_MEAN, IMAGENET_STD)
+    crops = []
+    for _, (images, _) in zip(range(batches), loader):
+        crops.append(torch.cat(augment(images, "cpu")))
+    return torch.cat(crops)
+
+
+def test_loader_workers_pass_batches_in_a_few_file_descriptors(tmp_path):
+    # each tensor a worker hands over holds a file descriptor until it is freed
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import REPO, make_image_folder
+
+    root = make_image_folder(tmp_path, 2, 96, size=24, splits=("train",))
+    child = (
+        "import sys, torch\n"
+        "from tests.test_batch_augment import loader_crops\n"
+        "torch.save(loader_crops(sys.argv[1], workers=2), sys.argv[2])\n"
+    )
+
+    def few_files():
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+
+    out = tmp_path / "crops.pt"
+    run = subprocess.run(
+        [sys.executable, "-c", child, f"{root}/train", str(out)],
+        cwd=REPO,
+        preexec_fn=few_files,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    crops = torch.load(out, weights_only=True)
+    assert crops.shape == (3 * 2 * 64, 3, 8, 8)
+    assert torch.equal(crops, loader_crops(f"{root}/train", workers=0))

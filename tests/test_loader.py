@@ -57,7 +57,7 @@ def reference_crop(img, p, size, recipe):
             F.adjust_saturation,
             F.adjust_hue,
         ]
-        for i in order.tolist():
+        for i in list(order):
             img = adjust[i](img, [b, c, s, h][i])
     if recipe != "v1" and p.gray:
         img = F.rgb_to_grayscale(img, 3)
@@ -119,7 +119,7 @@ def events_of(params, recipe):
             out.append(("rgb_to_grayscale", None))
         if p.jitter is not None:
             order, *factors = p.jitter
-            out += [(names[i], factors[i]) for i in order.tolist()]
+            out += [(names[i], factors[i]) for i in list(order)]
         if recipe != "v1" and p.gray:
             out.append(("rgb_to_grayscale", None))
         if p.sigma is not None:
@@ -257,7 +257,7 @@ def test_the_distribution_check_detects_a_different_crop_scale():
 def test_jitter_order_covers_all_24_permutations_evenly():
     img = Image.new("RGB", (64, 48))
     params = sample_fast("v1", range(1200), img)
-    orders = [tuple(p.jitter[0].tolist()) for pair in params for p in pair]
+    orders = [tuple(list(p.jitter[0])) for pair in params for p in pair]
     counts = np.array([orders.count(o) for o in set(orders)])
     assert len(counts) == 24
     expected = len(orders) / 24
@@ -297,13 +297,13 @@ def test_brightness_and_contrast_tables_are_pil_exact():
             ),
         ]:
             expected = enhance(img).enhance(factor)
-            actual = img.point(moco.fast_augment._blend_lut(base, factor))
+            actual = img.point(moco.fast_augment.blend_lut(base, factor))
             assert actual.tobytes() == expected.tobytes(), (enhance, factor)
 
 
 def test_hue_rounding_never_meets_a_tie():
     # adjust_hue rounds v * w by truncating v * w + 0.5: exact unless v * w ends in .5
-    _, _, w, _ = moco.fast_augment._hue_tables()
+    _, _, w, _ = moco.fast_augment.hue_tables()
     x = w[:, None] * torch.arange(256, dtype=torch.float64)
     assert not (x - x.floor() == 0.5).any()
 
@@ -317,9 +317,7 @@ def test_adjust_hue_accepts_a_strided_crop():
 
 def pil_blur_emulation(x, sigma):
     """PIL's fixed-point passes, rounding after each: uint8 [C, H, W] -> uint8."""
-    r, ww, fw = moco.fast_augment._box_weights(
-        moco.fast_augment._box_blur_radius(sigma)
-    )
+    r, ww, fw = moco.fast_augment.box_weights(moco.fast_augment.box_blur_radius(sigma))
     ww, fw = ww * 2**24, fw * 2**24
     x = x.double()
     for dim in (-1, -2):
