@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as F
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 from torchvision.io import decode_jpeg
 
 import moco.batch_augment
@@ -296,15 +296,46 @@ def test_output_is_normalised_float_crops_on_the_requested_device(tmp_path, reci
             assert 0 <= crop.min() and crop.max() <= 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_decodes_with_nvjpeg_and_stays_close_to_the_cpu(tmp_path):
+    from test_cuda import device_under_test
+
+    device = device_under_test()
     # not measured yet: nvjpeg's IDCT and upsampling differ from libjpeg-turbo's
     paths = photo_jpegs(tmp_path)
     cpu = batched("v2", paths, range(4))
-    gpu = batched("v2", paths, range(4), device="cuda")
+    gpu = batched("v2", paths, range(4), device=device)
     for x, y in zip(cpu, gpu):
-        assert y.device.type == "cuda" and y.dtype == torch.float32
+        assert y.device.type == device.type and y.dtype == torch.float32
         assert (x - y.cpu()).abs().mean() < 2 * LEVEL
+
+
+@pytest.mark.cuda
+def test_decoding_leaves_alone_memory_that_queued_kernels_still_read(tmp_path):
+    # nvjpeg writes its outputs from a stream of its own into blocks the caching
+    # allocator hands out as soon as they are freed here, even with kernels that read
+    # them still queued on this stream
+    from test_cuda import device_under_test
+
+    device = device_under_test()
+    n = 8
+    batch = batch_of(read("v2", photo_jpegs(tmp_path, n=n), range(n)))
+    augment = BatchAugment("v2", 64, IMAGENET_MEAN, IMAGENET_STD)
+    augment.decode(batch, device)  # the decoder's own set-up
+    wrong = 0
+    for _ in range(10):
+        # blocks of the decoded images' size, freed while sums that read them wait
+        blocks = [
+            torch.full((3, 120, 160), k, dtype=torch.uint8, device=device)
+            for k in range(n)
+        ]
+        if device.type == "cuda":
+            torch.cuda._sleep(20_000_000)
+        sums = [x.sum() for x in blocks]
+        del blocks
+        augment.decode(batch, device)
+        wrong += sum(int(total) != k * 3 * 120 * 160 for k, total in enumerate(sums))
+    assert wrong == 0
 
 
 def test_loader_workers_give_the_batches_of_one_process(image_folder):
@@ -341,6 +372,29 @@ def test_a_non_jpeg_is_decoded_in_the_worker_with_one_line_said_once(
     assert not images[0].is_jpeg and images[0].data.shape == (3, 120, 160)
     assert torch.equal(images[0].data, F.pil_to_tensor(load_image(paths[0])))
     assert_within_measured("v2", *differences("v2", paths, [3, 4]))
+
+
+def test_a_cmyk_jpeg_is_decoded_in_the_worker_as_pil_converts_it(
+    tmp_path, moco_warnings
+):
+    # nvjpeg gives other colours than PIL's convert("RGB") for CMYK (and YCCK) JPEGs
+    modes = ("RGB", "L", "CMYK")
+    rgb, gray, cmyk = (str(tmp_path / f"{mode}.jpg") for mode in modes)
+    for k, (mode, path) in enumerate(zip(modes, (rgb, gray, cmyk))):
+        photo(160, 120, seed=k).convert(mode).save(path, quality=90)
+        assert Image.open(path).mode == mode  # what the worker reads in the header
+    images = read("v2", [rgb, gray, cmyk, cmyk], [3, 4, 5, 6])
+    assert [r.getMessage() for r in moco_warnings.records] == [
+        f"=> {cmyk} is a CMYK JPEG: JPEGs that are not RGB or grayscale are decoded "
+        "on the CPU in the loader workers"
+    ]
+    assert [image.is_jpeg for image in images] == [True, True, False, False]
+    decoded = BatchAugment("v2", 64, IMAGENET_MEAN, IMAGENET_STD).decode(
+        batch_of(images), "cpu"
+    )
+    for path, x in zip([rgb, gray, cmyk], decoded):
+        assert torch.equal(x, F.pil_to_tensor(Image.open(path).convert("RGB"))), path
+    assert_within_measured("v2", *differences("v2", [cmyk], [5]))
 
 
 def corrupt_jpeg(path):
