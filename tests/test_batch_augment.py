@@ -6,6 +6,7 @@ gives the original's pixels within measured bounds, whatever else is in the batc
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from moco.data import BadImageError, EpochSampler, SeededImageFolder, load_image
 from moco.fast_augment import FastTwoCrops
 from moco.loader import IMAGENET_MEAN, IMAGENET_STD, RECIPES, pretrain_transform
 from moco.utils import UsageError, logger
-from tests.test_loader import HUES, LEVEL, factor_range, photo
+from tests.test_loader import HUES, LEVEL, factor_range, photo, seed_cpu
 
 
 def jpeg(path, img):
@@ -57,7 +58,7 @@ def read(recipe, paths, seeds, size=64):
     worker = ReadAndSample(recipe, size)
     images = []
     for path, seed in zip(paths, seeds):
-        torch.manual_seed(seed)
+        seed_cpu(seed)
         images.append(worker(path))
     return images
 
@@ -517,6 +518,7 @@ def test_loader_workers_pass_batches_in_a_few_file_descriptors(tmp_path):
         [sys.executable, "-c", child, f"{root}/train", str(out)],
         cwd=REPO,
         preexec_fn=few_files,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=120,
