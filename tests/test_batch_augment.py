@@ -6,7 +6,6 @@ gives the original's pixels within measured bounds, whatever else is in the batc
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -494,36 +493,36 @@ def loader_crops(root, workers, batch_size=64, batches=3, recipe="v2"):
     return torch.cat(crops)
 
 
-def test_loader_workers_pass_batches_in_a_few_file_descriptors(tmp_path):
-    # each tensor a worker hands over holds a file descriptor until it is freed
+def crops_under_a_file_limit(root, out, limit):
+    """loader_crops with 2 workers in a process that may open `limit` files, to `out`."""
     import resource
-    import subprocess
-    import sys
+    import traceback
 
-    from conftest import REPO, make_image_folder
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        result = loader_crops(root, workers=2)
+    except Exception:
+        result = traceback.format_exc()
+    torch.save(result, out)
+
+
+def test_loader_workers_pass_batches_in_a_few_file_descriptors(tmp_path):
+    # each tensor a worker hands over holds an open file until it is freed
+    import multiprocessing
+
+    from conftest import make_image_folder
 
     root = make_image_folder(tmp_path, 2, 96, size=24, splits=("train",))
-    child = (
-        "import sys, torch\n"
-        "from tests.test_batch_augment import loader_crops\n"
-        "torch.save(loader_crops(sys.argv[1], workers=2), sys.argv[2])\n"
-    )
-
-    def few_files():
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
-
     out = tmp_path / "crops.pt"
-    run = subprocess.run(
-        [sys.executable, "-c", child, f"{root}/train", str(out)],
-        cwd=REPO,
-        preexec_fn=few_files,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    # a fork of this process: a new interpreter would import torch again
+    child = multiprocessing.get_context("fork").Process(
+        target=crops_under_a_file_limit, args=(f"{root}/train", out, 128)
     )
-    assert run.returncode == 0, run.stderr[-2000:]
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
     crops = torch.load(out, weights_only=True)
+    assert isinstance(crops, torch.Tensor), crops
     assert crops.shape == (3 * 2 * 64, 3, 8, 8)
     assert torch.equal(crops, loader_crops(f"{root}/train", workers=0))
