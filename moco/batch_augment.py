@@ -70,7 +70,6 @@ class ReadAndSample:
     """
 
     def __init__(self, recipe: str, size: int):
-        get_recipe(recipe)
         # only its sample() is used: the normalisation is BatchAugment's
         self.crops = FastTwoCrops(recipe, size, [0.0] * 3, [1.0] * 3)
         # shared by the loader workers, so that each message is given once
@@ -155,7 +154,7 @@ def collate(
         paths=[im.path for im in images],
         data=torch.cat(data),
         offsets=offsets,
-        sizes=sizes.view(-1, 2),
+        sizes=sizes,
         params=[im.params[j] for j in range(2) for im in images],
     )
     return batch, torch.tensor(targets)
@@ -246,7 +245,7 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.T
     the time they are returned (torchvision waits for its decoder's stream).
     """
     if device.type == "cuda":
-        # nvjpeg writes unordered into blocks freed by kernels still queued: drain them
+        # nvjpeg writes unordered into freed blocks queued kernels may still read: drain
         torch.cuda.current_stream(device).synchronize()
     return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 

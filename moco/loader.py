@@ -51,6 +51,7 @@ class Recipe:
     # RandomResizedCrop's ranges of the crop's area (a fraction of the image's) and of
     # its aspect ratio
     scale: tuple[float, float]
+    # the OPERATIONS after the crop, in the order they run
     order: tuple[str, ...]
     # ColorJitter's brightness, contrast, saturation and hue, each above 0
     jitter: tuple[float, float, float, float]
@@ -58,14 +59,14 @@ class Recipe:
     gray_p: float
     flip_p: float
     blur_p: float = 0.0
-    # the Gaussian blur's sigma is drawn uniformly from this range
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # the range of the Gaussian blur's sigma, drawn uniformly
+    blur_sigma: tuple[float, float] | None = None
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def __post_init__(self):
         assert set(self.order) <= set(OPERATIONS), self.order
         assert len(set(self.order)) == len(self.order), self.order
-        assert ("blur" in self.order) == (self.blur_p > 0), self.blur_p
+        assert ("blur" in self.order) == (self.blur_p > 0) == bool(self.blur_sigma)
         assert all(s > 0 for s in self.jitter), self.jitter
         if "blur" in self.order:
             # the fast paths blur the normalised crop, after its colour operations
@@ -157,13 +158,13 @@ def pretrain_augmentation(
     r = get_recipe(recipe)
     mean, std = normalization(normalize)
     operations = {
-        "gray": transforms.RandomGrayscale(p=r.gray_p),
-        "jitter": _random_apply(transforms.ColorJitter(*r.jitter), r.jitter_p),
-        "blur": _random_apply(GaussianBlur(r.blur_sigma), r.blur_p),
-        "flip": transforms.RandomHorizontalFlip(p=r.flip_p),
+        "gray": lambda: transforms.RandomGrayscale(p=r.gray_p),
+        "jitter": lambda: _random_apply(transforms.ColorJitter(*r.jitter), r.jitter_p),
+        "blur": lambda: _random_apply(GaussianBlur(r.blur_sigma), r.blur_p),
+        "flip": lambda: transforms.RandomHorizontalFlip(p=r.flip_p),
     }
     augmentation = [transforms.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio)]
-    augmentation += [operations[op] for op in r.order]
+    augmentation += [operations[op]() for op in r.order]
     return transforms.Compose(
         augmentation + [transforms.ToTensor(), transforms.Normalize(mean, std)]
     )

@@ -238,15 +238,18 @@ def test_fast_path_distributions_match_the_original_and_the_recipe(monkeypatch, 
     assert fast["log_ratio"].min() >= log_ratio[0] - 0.02
     assert fast["log_ratio"].max() <= log_ratio[1] + 0.02
     brightness, contrast, saturation, hue = r.jitter
-    for k, (lo, hi) in {
+    ranges = {
         "brightness": (1 - brightness, 1 + brightness),
         "contrast": (1 - contrast, 1 + contrast),
         "saturation": (1 - saturation, 1 + saturation),
         "hue": (-hue, hue),
-        "sigma": r.blur_sigma,
-    }.items():
-        if len(fast[k]):
-            assert uniform_ks(fast[k], lo, hi) < ks_critical(len(fast[k]), 10**9), k
+    }
+    if r.blur_p:
+        ranges["sigma"] = r.blur_sigma
+    else:
+        assert len(fast["sigma"]) == 0
+    for k, (lo, hi) in ranges.items():
+        assert uniform_ks(fast[k], lo, hi) < ks_critical(len(fast[k]), 10**9), k
 
 
 def test_the_distribution_check_tells_the_recipes_crop_scales_apart():
