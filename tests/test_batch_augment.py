@@ -455,14 +455,16 @@ def test_main_moco_trains_with_batched_augmentation(image_folder, tmp_path):
 
     losses = {}
     for impl in ("fast", "batched"):
-        run_moco(image_folder, tmp_path / impl, "--aug-impl", impl)
+        run_moco(
+            image_folder, tmp_path / impl, "--aug-impl", impl, "--input-size", "16"
+        )
         with open(tmp_path / impl / "log.jsonl") as f:
             records = [json.loads(line) for line in f]
         losses[impl] = [r["loss"] for r in records if r["kind"] == "step"]
     state = load(tmp_path / "batched" / "checkpoint_0000.pth.tar")["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     # the same crops but for one-level resize differences: the same losses within a
-    # few percent (measured 6%, 0.4%, 0.1% in the 3 steps)
+    # few percent (measured 2.2%, 0.6%, 3.0% in the 3 steps)
     assert len(losses["batched"]) == 3
     for a, b in zip(losses["fast"], losses["batched"]):
         assert abs(a - b) <= 0.1 * abs(a)
