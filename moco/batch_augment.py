@@ -10,17 +10,19 @@ whole grey levels (floats 0..255), rounded or truncated as PIL does. Grayscale,
 brightness, contrast, saturation and hue are PIL's arithmetic, bit for bit (the hue
 through PIL's byte-valued HSV); the resize is torch's antialiased bilinear, in PIL's two
 passes, one level from PIL's fixed point in about 3% of values; the blur is PIL's box
-passes without PIL's rounding after each pass. Given PIL's resize, v1 and cifar10 crops
-are the original's bit for bit and v2's within 3 levels (tests/test_batch_augment.py).
+passes without PIL's rounding after each pass. Given PIL's resize, the crops of a
+recipe without blur are the original's bit for bit, with blur within 3 levels
+(tests/test_batch_augment.py).
 
     dataset = SeededImageFolder(root, ReadAndSample(recipe, size), seed, decode=False)
     loader = DataLoader(dataset, batch_size, sampler=..., collate_fn=collate, ...)
     augment = BatchAugment(recipe, size, mean, std)
-    for images, _ in loader:
-        im_q, im_k = augment(images, device)
+    for batch, _ in loader:
+        im_q, im_k = augment(batch, device)
 """
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,12 +32,15 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.functional import pil_to_tensor
 
 from moco.data import BadImageError, load_image
-from moco.fast_augment import FastTwoCrops, _box_blur_radius, _box_weights
-from moco.loader import check_recipe
+from moco.fast_augment import CropParams, FastTwoCrops, box_blur_radius, box_weights
+from moco.loader import get_recipe
 from moco.utils import logger
 
 # the start of every JPEG file: SOI and the first marker's 0xFF
 JPEG_MAGIC = b"\xff\xd8\xff"
+# the JPEGs (PIL's mode from the header) that the batched decoders turn into PIL's RGB;
+# the others (CMYK, YCCK) come out in other colours from nvjpeg
+DECODER_MODES = ("RGB", "L")
 
 
 # --- worker side: bytes and random draws -------------------------------------------
@@ -43,16 +48,16 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 @dataclass
 class EncodedImage:
-    """One sample as a loader worker hands it over."""
+    """One sample as ReadAndSample hands it to collate."""
 
     path: str
     # the file's bytes (1-D uint8) for a JPEG, else the decoded pixels (3 x H x W uint8)
     data: torch.Tensor
     # the query crop's and the key crop's CropParams
-    params: list
+    params: list[CropParams]
 
     @property
-    def is_jpeg(self):
+    def is_jpeg(self) -> bool:
         return self.data.dim() == 1
 
 
@@ -60,42 +65,99 @@ class ReadAndSample:
     """
     Worker side: image path -> EncodedImage, under the sample's seeded random state.
     The two crops are drawn by FastTwoCrops.sample from the size in the file's header,
-    so a JPEG is not decoded here. Other files are decoded here, on the CPU.
+    so a JPEG is not decoded here. Other files, and JPEGs of other modes than
+    DECODER_MODES, are decoded here on the CPU, with PIL as the original does.
     """
 
-    def __init__(self, recipe, size):
-        check_recipe(recipe)
+    def __init__(self, recipe: str, size: int):
         # only its sample() is used: the normalisation is BatchAugment's
         self.crops = FastTwoCrops(recipe, size, [0.0] * 3, [1.0] * 3)
-        # shared by the loader workers, so that the message is given once
-        self._told = torch.zeros(1, dtype=torch.bool).share_memory_()
+        # shared by the loader workers, so that each message is given once
+        self._told = torch.zeros(2, dtype=torch.bool).share_memory_()
 
-    def __call__(self, path):
+    def __call__(self, path: str) -> EncodedImage:
         with open(path, "rb") as f:
             data = f.read()
-        if data.startswith(JPEG_MAGIC):
+        jpeg = data.startswith(JPEG_MAGIC)
+        if jpeg:
             try:
                 img = Image.open(io.BytesIO(data))  # reads the header only
             except (OSError, ValueError, Image.DecompressionBombError) as e:
                 raise BadImageError(f"cannot read image {path!r} ({e})") from None
+            if img.mode not in DECODER_MODES:
+                jpeg = False
+                self._tell_once(
+                    1,
+                    f"=> {path} is a {img.mode} JPEG: JPEGs that are not RGB or "
+                    "grayscale are decoded on the CPU in the loader workers",
+                )
+        else:
+            self._tell_once(
+                0,
+                f"=> {path} is not a JPEG: files that are not JPEGs are decoded "
+                "on the CPU in the loader workers",
+            )
+        if jpeg:
             pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
-            if not self._told:
-                self._told.fill_(True)
-                logger.warning(
-                    f"=> {path} is not a JPEG: files that are not JPEGs are decoded "
-                    "on the CPU in the loader workers"
-                )
             img = load_image(path)
             pixels = pil_to_tensor(img)
         params = [self.crops.sample(img), self.crops.sample(img)]
         return EncodedImage(path, pixels, params)
 
+    def _tell_once(self, which, message):
+        if not self._told[which]:
+            self._told[which] = True
+            logger.warning(message)
 
-def collate(samples):
-    """DataLoader collate_fn: [(EncodedImage, target)] -> ([EncodedImage], targets)."""
+
+@dataclass
+class EncodedBatch:
+    """
+    A batch as collate packs it in the loader worker: the same few tensors whatever
+    its size. Each tensor that leaves a worker holds an open file until it is freed
+    (torch's file_descriptor sharing), so a tensor per image runs out of them.
+    """
+
+    paths: list[str]
+    # every image's EncodedImage.data, flattened, one after another (uint8)
+    data: torch.Tensor
+    # int64 [n + 1]: image i is data[offsets[i] : offsets[i + 1]]
+    offsets: torch.Tensor
+    # int64 [n, 2]: the height and width of pixels decoded in the worker, 0 for a JPEG
+    sizes: torch.Tensor
+    # all query crops' CropParams, then all key crops' (numbers: no tensors)
+    params: list[CropParams]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def images(self) -> list[torch.Tensor]:
+        """Each image's EncodedImage.data, a view into `data`."""
+        ends = self.offsets.tolist()
+        images = []
+        for i, (height, width) in enumerate(self.sizes.tolist()):
+            x = self.data[ends[i] : ends[i + 1]]
+            images.append(x.view(3, height, width) if height else x)
+        return images
+
+
+def collate(
+    samples: Sequence[tuple[EncodedImage, int]],
+) -> tuple[EncodedBatch, torch.Tensor]:
+    """DataLoader collate_fn: [(EncodedImage, target)] -> (EncodedBatch, targets)."""
     images, targets = zip(*samples)
-    return list(images), torch.tensor(targets)
+    data = [im.data.flatten() for im in images]
+    offsets = torch.tensor([0] + [len(x) for x in data]).cumsum(0)
+    sizes = torch.tensor([(0, 0) if im.is_jpeg else im.data.shape[1:] for im in images])
+    batch = EncodedBatch(
+        paths=[im.path for im in images],
+        data=torch.cat(data),
+        offsets=offsets,
+        sizes=sizes,
+        params=[im.params[j] for j in range(2) for im in images],
+    )
+    return batch, torch.tensor(targets)
 
 
 # --- device side: decode and the recipe on batches ----------------------------------
@@ -103,65 +165,89 @@ def collate(samples):
 
 class BatchAugment:
     """
-    Device side: a collated batch of EncodedImages -> (im_q, im_k), each a float tensor
+    Device side: an EncodedBatch -> (im_q, im_k), each a float tensor
     [B, 3, size, size] on `device`, normalised with `mean` and `std`.
     """
 
-    def __init__(self, recipe, size, mean, std):
-        check_recipe(recipe)
-        self.recipe = recipe
+    def __init__(
+        self, recipe: str, size: int, mean: Sequence[float], std: Sequence[float]
+    ):
+        self.recipe = get_recipe(recipe)
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self._warned = set()
 
-    def __call__(self, images, device):
+    def __call__(
+        self, batch: EncodedBatch, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
-        pixels = self.decode(images, device)
-        # all query crops, then all key crops
-        params = [im.params[j] for j in range(2) for im in images]
+        pixels = self.decode(batch, device)
+        params = batch.params
         x = resized_crops(pixels + pixels, [p.box for p in params], self.size)
-        gray = [n for n, p in enumerate(params) if p.gray]
-        if self.recipe == "v1":
-            x = _apply(x, gray, rgb_to_grayscale)
-        x = color_jitter(x, params)
-        if self.recipe != "v1":
-            x = _apply(x, gray, rgb_to_grayscale)
-        blurred = [n for n, p in enumerate(params) if p.sigma is not None]
-        sigmas = [params[n].sigma for n in blurred]
-        x = _apply(x, blurred, box_blur, sigmas)
-        x = _apply(x, [n for n, p in enumerate(params) if p.flip], torch.flip, [-1])
+        for op in self.recipe.order:
+            if op == "gray":
+                gray = [n for n, p in enumerate(params) if p.gray]
+                x = _apply(x, gray, rgb_to_grayscale)
+            elif op == "jitter":
+                x = color_jitter(x, params)
+            elif op == "blur":
+                blurred = [n for n, p in enumerate(params) if p.sigma is not None]
+                x = _apply(x, blurred, box_blur, [params[n].sigma for n in blurred])
+            elif op == "flip":
+                flipped = [n for n, p in enumerate(params) if p.flip]
+                x = _apply(x, flipped, torch.flip, [-1])
         # ToTensor's and Normalize's float operations
         x = x.div_(255).sub_(self.mean.to(device)).div_(self.std.to(device))
-        return x[: len(images)], x[len(images) :]
+        return x[: len(batch)], x[len(batch) :]
 
-    def decode(self, images, device):
+    def decode(
+        self, batch: EncodedBatch, device: torch.device | str
+    ) -> list[torch.Tensor]:
         """Each image as 3 x H x W uint8 on `device`; the JPEGs decoded together."""
-        jpegs = [im for im in images if im.is_jpeg]
-        decoded = iter(self._decode_jpegs(jpegs, device) if jpegs else [])
-        return [next(decoded) if im.is_jpeg else im.data.to(device) for im in images]
+        device = torch.device(device)
+        images = batch.images()
+        jpegs = [n for n, x in enumerate(images) if x.dim() == 1]
+        paths = [batch.paths[n] for n in jpegs]
+        decoded = self._decode_jpegs(paths, [images[n] for n in jpegs], device)
+        decoded = dict(zip(jpegs, decoded))
+        return [
+            decoded[n] if n in decoded else x.to(device) for n, x in enumerate(images)
+        ]
 
-    def _decode_jpegs(self, jpegs, device):
+    def _decode_jpegs(self, paths, data, device):
+        if not data:
+            return []
         try:
-            data = [im.data for im in jpegs]
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            return decode_jpegs(data, device)
         except RuntimeError:
             # one file the decoder refuses fails the batch: find it
-            return [self._decode_one(im, device) for im in jpegs]
+            return [self._decode_one(p, x, device) for p, x in zip(paths, data)]
 
-    def _decode_one(self, im, device):
+    def _decode_one(self, path, data, device):
         try:
-            return decode_jpeg(im.data, mode=ImageReadMode.RGB, device=device)
+            return decode_jpegs([data], device)[0]
         except RuntimeError as e:
-            if im.path not in self._warned:
-                self._warned.add(im.path)
+            if path not in self._warned:
+                self._warned.add(path)
                 reason = " ".join(str(e).split())
                 logger.warning(
-                    f"=> {im.path}: the batched JPEG decoder refused it ({reason}); "
+                    f"=> {path}: the batched JPEG decoder refused it ({reason}); "
                     "decoding it on the CPU with PIL"
                 )
             # PIL, as the other paths: BadImageError if PIL cannot read it either
-            return pil_to_tensor(load_image(im.path)).to(device)
+            return pil_to_tensor(load_image(path)).to(device)
+
+
+def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """
+    JPEG bytes (1-D uint8 on the CPU) -> 3 x H x W RGB uint8 on `device`, written by
+    the time they are returned (torchvision waits for its decoder's stream).
+    """
+    if device.type == "cuda":
+        # nvjpeg writes unordered into freed blocks queued kernels may still read: drain
+        torch.cuda.current_stream(device).synchronize()
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def _apply(x, rows, fn, *args):
@@ -172,7 +258,9 @@ def _apply(x, rows, fn, *args):
     return x
 
 
-def resized_crops(images, boxes, size):
+def resized_crops(
+    images: Sequence[torch.Tensor], boxes: Sequence[tuple[int, ...]], size: int
+) -> torch.Tensor:
     """
     [n, 3, size, size] whole levels: each (top, left, height, width) box of its image
     resized as RandomResizedCrop does on PIL: bilinear, antialiased, along the width
@@ -206,17 +294,17 @@ def _blend(base, x, factor):
     return (base + factor * (x - base)).clamp_(0, 255).floor_()
 
 
-def rgb_to_grayscale(x):
+def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """torchvision's rgb_to_grayscale with 3 output channels, as it runs on PIL."""
     return _luma(x).repeat(1, 3, 1, 1)
 
 
-def adjust_brightness(x, factor):
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """ImageEnhance.Brightness: blend with black."""
     return _blend(0.0, x, factor)
 
 
-def adjust_contrast(x, factor):
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """ImageEnhance.Contrast: blend with the crop's mean grey, rounded half up."""
     grey = _luma(x).flatten(1).to(torch.int64)
     total, n = grey.sum(1), grey.shape[1]
@@ -224,7 +312,7 @@ def adjust_contrast(x, factor):
     return _blend(mean.to(x.dtype).view(-1, 1, 1, 1), x, factor)
 
 
-def adjust_saturation(x, factor):
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """ImageEnhance.Color: blend with the crop's own grey."""
     return _blend(_luma(x), x, factor)
 
@@ -235,7 +323,7 @@ _SECTORS = torch.tensor(
 )
 
 
-def adjust_hue(x, hue):
+def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     """
     torchvision's adjust_hue on PIL images: PIL's RGB -> HSV with byte-valued channels,
     the hue byte shifted by int(hue * 255) mod 256, HSV -> RGB; PIL's float and double
@@ -268,13 +356,13 @@ def adjust_hue(x, hue):
 ADJUSTMENTS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def color_jitter(x, params):
+def color_jitter(x: torch.Tensor, params: Sequence[CropParams]) -> torch.Tensor:
     """
     Each crop's ColorJitter (CropParams.jitter, or none): its four adjustments in its
     own random order. At each of the four stages, the crops that make the same
     adjustment make it together.
     """
-    orders = [p.jitter[0].tolist() if p.jitter is not None else None for p in params]
+    orders = [p.jitter[0] if p.jitter is not None else None for p in params]
     for stage in range(4):
         for i, adjust in enumerate(ADJUSTMENTS):
             rows = [n for n, o in enumerate(orders) if o is not None and o[stage] == i]
@@ -292,7 +380,7 @@ def _extended_box(sigma, taps):
     PIL's extended box of GaussianBlur(radius=sigma), centred in `taps` taps: 2r + 1
     taps of one weight and a smaller one each side, one pass's share of the variance.
     """
-    r, ww, fw = _box_weights(_box_blur_radius(sigma))
+    r, ww, fw = box_weights(box_blur_radius(sigma))
     kernel = torch.zeros(taps, dtype=torch.float64)
     centre = taps // 2
     kernel[centre - r - 1 : centre + r + 2] = ww
@@ -300,7 +388,7 @@ def _extended_box(sigma, taps):
     return kernel
 
 
-def box_blur(x, sigmas):
+def box_blur(x: torch.Tensor, sigmas: Sequence[float]) -> torch.Tensor:
     """
     PIL's GaussianBlur(radius=sigma) with each crop's sigma, on [n, 3, H, W].
 
@@ -315,7 +403,7 @@ def box_blur(x, sigmas):
     close on average but up to 8 levels off at edges.
     """
     n, c, height, width = x.shape
-    radius = max(_box_weights(_box_blur_radius(s))[0] for s in sigmas) + 1
+    radius = max(box_weights(box_blur_radius(s))[0] for s in sigmas) + 1
     kernels = torch.stack([_extended_box(s, 2 * radius + 1) for s in sigmas])
     # float64: cuDNN may run float32 convolutions as TF32, a 10-bit mantissa
     kernels = kernels.repeat_interleave(c, 0).to(x.device)[:, None, None, :]

@@ -18,6 +18,7 @@ and saturation and grayscale are PIL's own calls.
 
 import functools
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,22 +26,29 @@ import torch
 import torchvision.transforms as transforms
 from PIL import Image, ImageEnhance, ImageStat
 
+from moco.loader import get_recipe
+
 # the three box passes of PIL's GaussianBlur
-_BLUR_PASSES = 3
+BLUR_PASSES = 3
 
 
 @dataclass
 class CropParams:
-    """One crop's random draws."""
+    """One crop's random draws, as plain numbers."""
 
     # top, left, height, width in the decoded image
-    box: tuple
-    # (order of the four adjustments, brightness, contrast, saturation, hue), or None
+    box: tuple[int, int, int, int]
+    # ((order of the four adjustments), brightness, contrast, saturation, hue), or None
     jitter: tuple | None
     gray: bool
     # Gaussian blur sigma, None for no blur
     sigma: float | None
     flip: bool
+
+
+def _applied(p: float) -> bool:
+    """RandomApply's test, drawn only where p < 1 (see moco.loader.Recipe)."""
+    return p == 1 or not p < torch.rand(1)
 
 
 class FastTwoCrops:
@@ -50,44 +58,44 @@ class FastTwoCrops:
     original's transforms, faster operations (see above).
     """
 
-    def __init__(self, recipe, size, mean, std):
-        self.recipe = recipe
+    def __init__(
+        self, recipe: str, size: int, mean: Sequence[float], std: Sequence[float]
+    ):
+        self.recipe = get_recipe(recipe)
         self.size = size
-        scale = (0.08, 1.0) if recipe == "cifar10" else (0.2, 1.0)
-        self.crop = transforms.RandomResizedCrop(size, scale=scale)
-        hue = 0.4 if recipe == "v1" else 0.1
-        self.color = transforms.ColorJitter(0.4, 0.4, 0.4, hue)
+        self.crop = transforms.RandomResizedCrop(
+            size, scale=self.recipe.scale, ratio=self.recipe.ratio
+        )
+        self.color = transforms.ColorJitter(*self.recipe.jitter)
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         # built once here, shared by forked loader workers
-        _hue_tables()
+        hue_tables()
 
-    def sample(self, img):
+    def sample(self, img: Image.Image) -> CropParams:
         """One crop's parameters, drawn in the order of the recipe's transforms."""
+        r, c = self.recipe, self.color
         box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
-        c = self.color
-        jitter, sigma, flip = None, None, None
-        if self.recipe == "v1":
-            gray = bool(torch.rand(1) < 0.2)
-            jitter = c.get_params(c.brightness, c.contrast, c.saturation, c.hue)
-        else:
-            if self.recipe == "cifar10":
-                flip = bool(torch.rand(1) < 0.5)
-            # RandomApply's test
-            if not 0.8 < torch.rand(1):
-                jitter = c.get_params(c.brightness, c.contrast, c.saturation, c.hue)
-            gray = bool(torch.rand(1) < 0.2)
-            if self.recipe == "v2" and not 0.5 < torch.rand(1):
-                sigma = torch.empty(1).uniform_(0.1, 2.0).item()
-        if flip is None:
-            flip = bool(torch.rand(1) < 0.5)
+        jitter, gray, sigma, flip = None, False, None, False
+        for op in r.order:
+            if op == "gray":
+                gray = bool(torch.rand(1) < r.gray_p)
+            elif op == "jitter" and _applied(r.jitter_p):
+                order, *factors = c.get_params(
+                    c.brightness, c.contrast, c.saturation, c.hue
+                )
+                jitter = (tuple(order.tolist()), *factors)
+            elif op == "blur" and _applied(r.blur_p):
+                sigma = torch.empty(1).uniform_(*r.blur_sigma).item()
+            elif op == "flip":
+                flip = bool(torch.rand(1) < r.flip_p)
         return CropParams(box, jitter, gray, sigma, flip)
 
-    def __call__(self, img):
+    def __call__(self, img: Image.Image) -> list[torch.Tensor]:
         params = [self.sample(img), self.sample(img)]
         return self.apply(img, params)
 
-    def apply(self, img, params):
+    def apply(self, img: Image.Image, params: list[CropParams]) -> list[torch.Tensor]:
         """The crops of `img` (PIL) for the given parameters: [3, size, size] floats."""
         if img.mode != "RGB":
             img = img.convert("RGB")
@@ -104,6 +112,8 @@ class FastTwoCrops:
         out.div_(255).sub_(self.mean).div_(self.std)
         crops = list(out)
         for k, p in enumerate(params):
+            # the recipe blurs after its colour operations; the blur commutes with the
+            # flip and, up to float rounding, with the normalisation
             if p.sigma is not None:
                 crops[k] = box_blur(crops[k], p.sigma)
         return crops
@@ -120,25 +130,23 @@ class FastTwoCrops:
 
     def _colour(self, crop, p):
         """Jitter and grayscale in the recipe's order; returns H x W x 3 uint8."""
-        gray_first = self.recipe == "v1"
-        if gray_first and p.gray:
-            crop = _grayscale(crop)
-        if p.jitter is not None:
-            order, brightness, contrast, saturation, hue = p.jitter
-            for i in order.tolist():
-                if i == 0:
-                    crop = _to_pil(crop).point(_blend_lut(0, brightness))
-                elif i == 1:
-                    crop = _to_pil(crop)
-                    # the mean grey as ImageEnhance.Contrast takes it
-                    mean = ImageStat.Stat(crop.convert("L")).mean[0]
-                    crop = crop.point(_blend_lut(int(mean + 0.5), contrast))
-                elif i == 2:
-                    crop = ImageEnhance.Color(_to_pil(crop)).enhance(saturation)
-                else:
-                    crop = adjust_hue(_to_tensor(crop), hue)
-        if not gray_first and p.gray:
-            crop = _grayscale(crop)
+        for op in self.recipe.order:
+            if op == "gray" and p.gray:
+                crop = _grayscale(crop)
+            elif op == "jitter" and p.jitter is not None:
+                order, brightness, contrast, saturation, hue = p.jitter
+                for i in order:
+                    if i == 0:
+                        crop = _to_pil(crop).point(blend_lut(0, brightness))
+                    elif i == 1:
+                        crop = _to_pil(crop)
+                        # the mean grey as ImageEnhance.Contrast takes it
+                        mean = ImageStat.Stat(crop.convert("L")).mean[0]
+                        crop = crop.point(blend_lut(int(mean + 0.5), contrast))
+                    elif i == 2:
+                        crop = ImageEnhance.Color(_to_pil(crop)).enhance(saturation)
+                    else:
+                        crop = adjust_hue(_to_tensor(crop), hue)
         return _to_tensor(crop)
 
 
@@ -161,7 +169,7 @@ def _to_pil(crop):
     return Image.fromarray(crop.contiguous().numpy())
 
 
-def _blend_lut(base, factor):
+def blend_lut(base: int, factor: float) -> list[int]:
     """
     Image.blend(a constant image `base`, image, factor) as a lookup table (Blend.c's
     float arithmetic), which is what ImageEnhance.Brightness (base 0) and Contrast (base
@@ -204,7 +212,7 @@ def _hsv_hue(r, g, b):
 
 
 @functools.cache
-def _hue_tables():
+def hue_tables() -> tuple[torch.Tensor, ...]:
     """
     Hue and chroma depend only on (g - r, b - r), saturation on (chroma, value); after the
     shift, HSV -> RGB (Convert.c, hsv2rgb) gives value, p = f(s, v) and, by sector, q or
@@ -247,12 +255,12 @@ def _hue_tables():
     return hue_chroma, sat_p, w, offsets
 
 
-def adjust_hue(img, hue_factor):
+def adjust_hue(img: torch.Tensor, hue_factor: float) -> torch.Tensor:
     """
     torchvision's adjust_hue for PIL images (RGB -> HSV, shift the hue byte, -> RGB),
     bit for bit, on an H x W x 3 uint8 tensor.
     """
-    hue_chroma, sat_p, w, (at_v, at_p, at_third) = _hue_tables()
+    hue_chroma, sat_p, w, (at_v, at_p, at_third) = hue_tables()
     shift = int(np.int32(hue_factor * 255).astype(np.uint8))  # as torchvision
     n = img.numel() // 3
     r, g, b = img.permute(2, 0, 1).reshape(3, n).to(torch.int32)
@@ -276,7 +284,7 @@ def adjust_hue(img, hue_factor):
 # --- blur: PIL's box passes without rounding in between ---------------------------------
 
 
-def _box_blur_radius(sigma, passes=_BLUR_PASSES):
+def box_blur_radius(sigma: float, passes: int = BLUR_PASSES) -> np.float32:
     """PIL's box radius for a Gaussian sigma (BoxBlur.c, _gaussian_blur_radius), float32."""
     f = np.float32
     s2 = f(f(sigma) * f(sigma) / f(passes))
@@ -287,7 +295,7 @@ def _box_blur_radius(sigma, passes=_BLUR_PASSES):
     return f(whole + a)
 
 
-def _box_weights(radius):
+def box_weights(radius: float) -> tuple[int, float, float]:
     """PIL's extended box: 2r+1 taps of weight ww and two outer taps of weight fw (/2**24)."""
     r = int(radius)
     ww = int(np.float32(1 << 24) / (radius * np.float32(2) + np.float32(1)))
@@ -295,12 +303,12 @@ def _box_weights(radius):
     return r, ww / 2**24, fw / 2**24
 
 
-def box_blur(x, sigma, passes=_BLUR_PASSES):
+def box_blur(x: torch.Tensor, sigma: float, passes: int = BLUR_PASSES) -> torch.Tensor:
     """
     PIL's GaussianBlur(radius=sigma) on a float [..., H, W] tensor: `passes` extended box
     blurs along the width, then along the height, edges extended, no rounding between.
     """
-    r, ww, fw = _box_weights(_box_blur_radius(sigma, passes))
+    r, ww, fw = box_weights(box_blur_radius(sigma, passes))
     for dim in (-1, -2):
         n = x.shape[dim]
         for _ in range(passes):
