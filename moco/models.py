@@ -54,6 +54,13 @@ class SplitBatchNorm(nn.BatchNorm2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training or not self.track_running_stats) or self.num_splits == 1:
             return super().forward(input)
+        # the groups' statistics go into running averages, which need both
+        assert (
+            self.running_mean is not None
+            and self.running_var is not None
+            and self.num_batches_tracked is not None
+            and self.momentum is not None
+        ), "SplitBatchNorm needs track_running_stats=True and a float momentum"
         N, C, H, W = input.shape
         if N % self.num_splits:
             raise ValueError(
