@@ -7,6 +7,8 @@ This file depends on torch alone. It runs with or without a process group and on
 any device: with one process the key shuffle stays within the batch.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -20,14 +22,14 @@ class MoCo(nn.Module):
 
     def __init__(
         self,
-        base_encoder,
-        dim=128,
-        K=65536,
-        m=0.999,
-        T=0.07,
-        mlp=False,
-        symmetric=False,
-    ):
+        base_encoder: Callable[..., nn.Module],
+        dim: int = 128,
+        K: int = 65536,
+        m: float = 0.999,
+        T: float = 0.07,
+        mlp: bool = False,
+        symmetric: bool = False,
+    ) -> None:
         """
         base_encoder: called as base_encoder(num_classes=dim), e.g. a torchvision ResNet
         dim: feature dimension (default: 128)
@@ -179,7 +181,9 @@ class MoCo(nn.Module):
             logits /= self.T
         return logits, k
 
-    def forward(self, im_q, im_k):
+    def forward(
+        self, im_q: torch.Tensor, im_k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Input:
             im_q: a batch of query images
@@ -195,7 +199,7 @@ class MoCo(nn.Module):
             logits_12, keys_2 = self._contrast(im_q, im_k)
             logits_21, keys_1 = self._contrast(im_k, im_q)
             logits = torch.cat([logits_12, logits_21], dim=0)
-            keys = (keys_1, keys_2)
+            keys: tuple[torch.Tensor, ...] = (keys_1, keys_2)
         else:
             logits, k = self._contrast(im_q, im_k)
             keys = (k,)
@@ -211,7 +215,7 @@ class MoCo(nn.Module):
 
 
 # utils
-def world_size_and_rank():
+def world_size_and_rank() -> tuple[int, int]:
     """(world size, rank); (1, 0) without a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -219,7 +223,7 @@ def world_size_and_rank():
 
 
 @torch.no_grad()
-def concat_all_gather(tensor):
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """
     Concatenate `tensor` of every process along dim 0 (itself without a process group).
     *** Warning ***: torch.distributed.all_gather has no gradient.

@@ -12,6 +12,8 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ class CheckpointError(UsageError):
     """A file that is missing, unreadable, unsafe or of the wrong kind."""
 
 
-def _atomic_write(path, write, size):
+def _atomic_write(path: str, write: Callable[[BinaryIO], object], size: int) -> None:
     """
     write(file) into a temporary file beside `path`, flushed to disk, then renamed to
     `path`: a kill or a full disk at any moment leaves either the previous file or the
@@ -68,7 +70,7 @@ def _atomic_write(path, write, size):
         pass
 
 
-def _disk_full(error, directory, size):
+def _disk_full(error: BaseException, directory: str, size: int) -> bool:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     try:
@@ -77,7 +79,7 @@ def _disk_full(error, directory, size):
         return False
 
 
-def _disk_full_message(path, size):
+def _disk_full_message(path: str, size: int) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     free = shutil.disk_usage(directory).free
     latest = find_latest_checkpoint(directory)
@@ -89,7 +91,7 @@ def _disk_full_message(path, size):
     )
 
 
-def state_bytes(obj) -> int:
+def state_bytes(obj: object) -> int:
     """The bytes of the tensors in `obj` (nested dicts, lists, tuples): a file's size."""
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()
@@ -100,7 +102,11 @@ def state_bytes(obj) -> int:
     return 0
 
 
-def save_checkpoint(state, path, writer=torch.save):
+def save_checkpoint(
+    state: dict,
+    path: str,
+    writer: Callable[[dict, BinaryIO], object] = torch.save,
+) -> None:
     """
     Write `state` to `path` atomically (all of it or nothing). writer(state, file)
     serialises; torch.save unless another format is wanted.
@@ -108,27 +114,27 @@ def save_checkpoint(state, path, writer=torch.save):
     _atomic_write(path, lambda f: writer(state, f), state_bytes(state))
 
 
-def copy_checkpoint(src, dst):
+def copy_checkpoint(src: str, dst: str) -> None:
     """Copy a checkpoint file as save_checkpoint writes one: all of it or nothing."""
 
-    def copy(f):
+    def copy(f: BinaryIO) -> None:
         with open(src, "rb") as source:
             shutil.copyfileobj(source, f)
 
     _atomic_write(dst, copy, os.path.getsize(src))
 
 
-def with_module_prefix(state_dict):
+def with_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The names a DistributedDataParallel model has: every key under 'module.'."""
     return {"module." + k: v for k, v in state_dict.items()}
 
 
-def without_module_prefix(state_dict):
+def without_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The names of the model itself, whichever way the file was saved."""
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
-def check_output_dir(path, flag="--output-dir"):
+def check_output_dir(path: str, flag: str = "--output-dir") -> None:
     """Create `path` if needed and refuse one that cannot be written."""
     try:
         os.makedirs(path, exist_ok=True)
@@ -140,7 +146,9 @@ def check_output_dir(path, flag="--output-dir"):
         raise UsageError(f"{flag} {path!r} cannot be written ({e.strerror})") from None
 
 
-def load_checkpoint(path, map_location="cpu", what="checkpoint"):
+def load_checkpoint(
+    path: str, map_location: str | torch.device = "cpu", what: str = "checkpoint"
+) -> Any:
     """torch.load(weights_only=True) with one-line errors for every way it can fail."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} {path!r} does not exist (check the path)")
@@ -161,7 +169,7 @@ def load_checkpoint(path, map_location="cpu", what="checkpoint"):
         ) from None
 
 
-def _state_dict_of(obj, path):
+def _state_dict_of(obj: Any, path: str) -> dict[str, Any]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"]
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -171,7 +179,9 @@ def _state_dict_of(obj, path):
     raise CheckpointError(f"{path!r} holds no state_dict: it is not a model checkpoint")
 
 
-def encoder_state_dict(obj, path="checkpoint", keep_head=False):
+def encoder_state_dict(
+    obj: Any, path: str = "checkpoint", keep_head: bool = False
+) -> tuple[dict[str, torch.Tensor], str]:
     """
     The backbone of any checkpoint flavour with torchvision names, without the head
     `fc.*` unless keep_head; returns (state_dict, the prefix it was found under).
@@ -206,7 +216,13 @@ def encoder_state_dict(obj, path="checkpoint", keep_head=False):
     return encoder, prefix
 
 
-def load_encoder(model, path, arch=None, what="--pretrained", obj=None):
+def load_encoder(
+    model: nn.Module,
+    path: str,
+    arch: str | None = None,
+    what: str = "--pretrained",
+    obj: Any = None,
+) -> dict[str, torch.Tensor]:
     """
     Load the backbone of the checkpoint at `path` (any flavour encoder_state_dict reads)
     into `model`, a torchvision model whose head `fc` is left as it is. Refuses a file of
@@ -260,7 +276,7 @@ MOCO_HEADS = (
 )
 
 
-def load_encoder_with_head(path, arch, small_stem=False):
+def load_encoder_with_head(path: str, arch: str, small_stem: bool = False) -> nn.Module:
     """The query encoder of a MoCo checkpoint with its head, linear or MLP (--mlp)."""
     obj = load_checkpoint(path, what="--pretrained")
     state_dict, _ = encoder_state_dict(obj, path, keep_head=True)
@@ -299,7 +315,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
 LAST_NAME = "checkpoint_last.pth.tar"
 
 
-def list_checkpoints(directory):
+def list_checkpoints(directory: str) -> list[str]:
     """Pretraining checkpoints in `directory`, newest first by their file name."""
     found = []
     for name in os.listdir(directory) if os.path.isdir(directory) else []:
@@ -307,13 +323,14 @@ def list_checkpoints(directory):
         if m:
             found.append(os.path.join(directory, name))
     found.sort(
-        key=lambda p: int(CHECKPOINT_RE.match(os.path.basename(p)).group(1)),
+        # found holds only names the pattern matched
+        key=lambda p: int(CHECKPOINT_RE.match(os.path.basename(p)).group(1)),  # type: ignore[union-attr]
         reverse=True,
     )
     return found
 
 
-def find_latest_checkpoint(directory):
+def find_latest_checkpoint(directory: str) -> str | None:
     """
     The checkpoint with the most training done (epoch, then step within the epoch)
     among those in `directory` that load; None when there is none.
@@ -336,7 +353,7 @@ def find_latest_checkpoint(directory):
     return best
 
 
-def remove_old_checkpoints(directory, keep_last):
+def remove_old_checkpoints(directory: str, keep_last: int) -> None:
     """Keep the newest `keep_last` epoch checkpoints (0 keeps all)."""
     if keep_last <= 0:
         return
@@ -344,14 +361,16 @@ def remove_old_checkpoints(directory, keep_last):
         os.remove(path)
 
 
-def resume_path(resume, output_dir):
+def resume_path(resume: str, output_dir: str) -> str | None:
     """The checkpoint --resume names ('auto': the newest valid one), or None."""
     if resume == "auto":
         return find_latest_checkpoint(output_dir)
     return resume or None
 
 
-def check_pretrain_resume(path, arch, moco_dim, moco_k, mlp):
+def check_pretrain_resume(
+    path: str, arch: str, moco_dim: int, moco_k: int, mlp: bool
+) -> None:
     """Refuse a --resume file that is not a MoCo checkpoint of the model asked for."""
     state = load_checkpoint(path, what="--resume checkpoint")
     sd = state.get("state_dict") if isinstance(state, dict) else None
@@ -375,7 +394,9 @@ def check_pretrain_resume(path, arch, moco_dim, moco_k, mlp):
         )
 
 
-def model_state(epoch, arch, model, optimizer) -> dict:
+def model_state(
+    epoch: int, arch: str, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict:
     """The original's checkpoint: completed epochs, arch, state_dict as DDP names it
     ('module.*'), optimizer."""
     return {
@@ -386,7 +407,12 @@ def model_state(epoch, arch, model, optimizer) -> dict:
     }
 
 
-def restore(path, model, optimizer, what="--resume checkpoint") -> dict:
+def restore(
+    path: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    what: str = "--resume checkpoint",
+) -> dict:
     """
     Load the model and optimizer of the checkpoint at `path` wherever they are, and
     return the file's contents. The file is read onto the CPU: load_state_dict copies
@@ -408,7 +434,15 @@ class ClassifierCheckpointer:
 
     LAST, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
 
-    def __init__(self, output_dir, model, optimizer, *, arch, enabled=True):
+    def __init__(
+        self,
+        output_dir: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        arch: str,
+        enabled: bool = True,
+    ) -> None:
         self.output_dir = output_dir
         self.model = model
         self.optimizer = optimizer
@@ -432,7 +466,9 @@ class ClassifierCheckpointer:
         return state["epoch"], float(state["best_acc1"])
 
 
-def check_classifier_resume(path, arch, model, hint=""):
+def check_classifier_resume(
+    path: str, arch: str, model: nn.Module, hint: str = ""
+) -> None:
     """
     Refuse a --resume file that is not a linear classifier of `model` (a fresh one
     of -a `arch`); hint: what else must match, for the message.
@@ -455,7 +491,7 @@ def check_classifier_resume(path, arch, model, hint=""):
             f"--resume {path!r} is a {state['arch']} model; got -a {arch}"
         )
     try:
-        model.load_state_dict(without_module_prefix(sd))
+        model.load_state_dict(without_module_prefix(sd))  # type: ignore[arg-type]
     except RuntimeError as e:
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise CheckpointError(
@@ -474,18 +510,18 @@ class Checkpointer:
 
     def __init__(
         self,
-        output_dir,
-        model,
-        optimizer,
-        scaler,
+        output_dir: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
         *,
-        arch,
-        args=None,
-        data_seed=None,
-        keep_last=0,
-        save_freq=0,
-        enabled=True,
-    ):
+        arch: str,
+        args: Mapping[str, Any] | None = None,
+        data_seed: int | None = None,
+        keep_last: int = 0,
+        save_freq: int = 0,
+        enabled: bool = True,
+    ) -> None:
         self.output_dir = output_dir
         self.model = model
         self.optimizer = optimizer
@@ -498,9 +534,9 @@ class Checkpointer:
         # the seed of the augmentations; a resumed run takes its file's
         self.data_seed = data_seed
         # the epoch's meters so far, from a mid-epoch file resumed
-        self.meters = {}
+        self.meters: dict = {}
 
-    def save_epoch(self, epoch):
+    def save_epoch(self, epoch: int) -> None:
         """After epoch `epoch` (from 0): checkpoint_{epoch:04d}.pth.tar holds epoch + 1."""
         if not self.enabled:
             return
@@ -511,7 +547,9 @@ class Checkpointer:
             os.remove(last)
         remove_old_checkpoints(self.output_dir, self.keep_last)
 
-    def after_step(self, epoch, steps_done, total, stop, meter_sums):
+    def after_step(
+        self, epoch: int, steps_done: int, total: int, stop: bool, meter_sums: dict
+    ) -> bool:
         """
         After `steps_done` of the `total` steps of epoch `epoch`: saves mid-epoch when
         every process agreed to `stop` or every --save-freq steps; returns whether
@@ -528,7 +566,9 @@ class Checkpointer:
             self.save_mid_epoch(epoch, steps_done, meter_sums)
         return stop and within
 
-    def save_mid_epoch(self, epoch, steps_done, meter_sums=None):
+    def save_mid_epoch(
+        self, epoch: int, steps_done: int, meter_sums: dict | None = None
+    ) -> None:
         """
         Within epoch `epoch`, after `steps_done` of its steps: checkpoint_last, with the
         sums of the epoch's meters so far, for whole-epoch averages on resume.
@@ -536,7 +576,9 @@ class Checkpointer:
         if self.enabled:
             self._save(epoch, steps_done, LAST_NAME, meter_sums)
 
-    def _save(self, epoch, steps_done, name, meters=None):
+    def _save(
+        self, epoch: int, steps_done: int, name: str, meters: dict | None = None
+    ) -> None:
         state = {
             **model_state(epoch, self.arch, self.model, self.optimizer),
             # steps done in the epoch in progress
@@ -551,7 +593,7 @@ class Checkpointer:
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, os.path.join(self.output_dir, name))
 
-    def resume_if_asked(self, resume, start_epoch=0):
+    def resume_if_asked(self, resume: str, start_epoch: int = 0) -> tuple[int, int]:
         """
         --resume: a path, 'auto' (the newest valid file in output_dir) or ''. Loads it
         (process 0's choice on every process: one that cannot read it says so in one
@@ -570,7 +612,7 @@ class Checkpointer:
             )
         return start_epoch, 0
 
-    def resume(self, path):
+    def resume(self, path: str) -> tuple[int, int]:
         """
         Load model, optimizer, scaler, random states and data seed from `path` into
         the model and optimizer wherever they are; returns (completed epochs, steps
@@ -587,7 +629,7 @@ class Checkpointer:
         return state["epoch"], state.get("iter", 0)
 
 
-def get_rng_state():
+def get_rng_state() -> dict:
     """torch's, Python's and NumPy's random states (and CUDA's), as plain values."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -596,7 +638,7 @@ def get_rng_state():
         # weights_only loading reads tensors and Python numbers, not NumPy arrays
         "numpy": (
             kind,
-            torch.from_numpy(keys.astype(np.int64)),
+            torch.from_numpy(keys.astype(np.int64)),  # type: ignore[attr-defined]
             int(pos),
             int(has_gauss),
             float(cached),
@@ -607,7 +649,7 @@ def get_rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict) -> None:
     """Restore what get_rng_state returned, from CPU tensors or tensors on a device."""
     torch.set_rng_state(state["torch"].cpu())
     random.setstate(

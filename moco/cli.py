@@ -5,8 +5,11 @@ main_moco.py and main_lincls.py keep the flags of pytorch/examples' ImageNet tra
 of moco/distributed.py and the image flags below.
 """
 
+import argparse
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import fields
+from typing import Any
 
 from moco.distributed import Launch
 from moco.knn import CROPS, FEATURES, KnnOptions
@@ -15,7 +18,9 @@ from moco.models import model_names
 from moco.utils import ONE_LINE_ERRORS, UsageError, one_line
 
 
-def run_cli(main, parser):
+def run_cli(
+    main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser
+) -> Any:
     """
     Parse arguments and run main(args); a UsageError or a NonFiniteLossError ends as
     one line and exit 2.
@@ -28,7 +33,10 @@ def run_cli(main, parser):
         sys.exit(2)
 
 
-def check_ranges(positive=None, non_negative=None):
+def check_ranges(
+    positive: Mapping[str, float] | None = None,
+    non_negative: Mapping[str, float] | None = None,
+) -> None:
     """Refuse a value out of range, naming its flag: {flag: value} for each kind."""
     for name, value in (positive or {}).items():
         if value <= 0:
@@ -44,7 +52,9 @@ TRAINING_BATCH_HELP = (
 )
 
 
-def add_data_arguments(parser, batch_help=TRAINING_BATCH_HELP):
+def add_data_arguments(
+    parser: argparse.ArgumentParser, batch_help: str = TRAINING_BATCH_HELP
+) -> None:
     """The dataset, the architecture, the loader workers and the node's batch."""
     parser.add_argument(
         "data", metavar="DIR", help="path to dataset (DIR/train, DIR/val)"
@@ -76,7 +86,7 @@ def add_data_arguments(parser, batch_help=TRAINING_BATCH_HELP):
     )
 
 
-def add_training_arguments(parser, resume_help):
+def add_training_arguments(parser: argparse.ArgumentParser, resume_help: str) -> None:
     """
     The ImageNet training flags; the script sets the defaults of --epochs, --lr,
     --schedule and --wd with parser.set_defaults, as each of the original's did.
@@ -153,7 +163,7 @@ def add_training_arguments(parser, resume_help):
     )
 
 
-def add_image_arguments(parser):
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     """Image size, stem and normalisation, which must match between pretraining and use."""
     group = parser.add_argument_group("images")
     group.add_argument(
@@ -178,7 +188,7 @@ def add_image_arguments(parser):
     )
 
 
-def add_launch_arguments(parser):
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     """The original's distributed flags, and this project's two additions."""
     group = parser.add_argument_group("distributed training")
     group.add_argument(
@@ -226,7 +236,9 @@ def add_launch_arguments(parser):
     )
 
 
-def add_knn_arguments(parser):
+def add_knn_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+) -> None:
     """The kNN options that main_moco.py's monitor and main_knn.py share."""
     parser.add_argument(
         "--knn-k", default=200, type=int, help="number of neighbours (default: 200)"
@@ -253,12 +265,12 @@ def add_knn_arguments(parser):
     )
 
 
-def launch_settings(args):
+def launch_settings(args: argparse.Namespace) -> Launch:
     """The launch flags' values."""
     return Launch(**{f.name: getattr(args, f.name) for f in fields(Launch)})
 
 
-def knn_options(args):
+def knn_options(args: argparse.Namespace) -> KnnOptions:
     """The kNN flags' values (and the image size and normalisation they go with)."""
     return KnnOptions(
         args.knn_k,

@@ -15,7 +15,9 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +42,7 @@ class Launch:
     procs_per_node: int = 0
     dist_timeout: int = 1800
 
-    def processes_per_node(self):
+    def processes_per_node(self) -> int:
         """Processes this node runs: LOCAL_WORLD_SIZE under torchrun, else one per GPU."""
         if _under_torchrun():
             return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -50,13 +52,13 @@ class Launch:
             return self.procs_per_node
         return max(torch.cuda.device_count(), 1)
 
-    def total_processes(self):
+    def total_processes(self) -> int:
         """The world size this launch will have."""
         if _under_torchrun():
             return int(os.environ["WORLD_SIZE"])
         return self._nodes_and_node_rank()[0] * self.processes_per_node()
 
-    def _nodes_and_node_rank(self):
+    def _nodes_and_node_rank(self) -> tuple[int, int]:
         """Number of nodes and this node's rank, from the flags or (env://) the env."""
         nodes, node_rank = self.world_size, self.rank
         if self.dist_url == "env://":
@@ -64,7 +66,7 @@ class Launch:
             node_rank = node_rank if node_rank >= 0 else int(os.environ.get("RANK", 0))
         return max(nodes, 1), max(node_rank, 0)
 
-    def check(self, batch_size):
+    def check(self, batch_size: int) -> None:
         """Refuse impossible launch settings before any process starts."""
         if _under_torchrun() and self.multiprocessing_distributed:
             raise UsageError(
@@ -102,7 +104,7 @@ class Launch:
             )
 
 
-def _under_torchrun():
+def _under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
@@ -117,20 +119,22 @@ class DistEnv:
     device: torch.device = torch.device("cpu")
 
     @property
-    def distributed(self):
+    def distributed(self) -> bool:
         return self.world_size > 1
 
     @property
-    def is_main(self):
+    def is_main(self) -> bool:
         return self.rank == 0
 
-    def per_process(self, batch_size, workers):
+    def per_process(self, batch_size: int, workers: int) -> tuple[int, int]:
         """This process's share of the node's batch (-b) and loader workers (-j)."""
         n = self.procs_per_node
         return batch_size // n, (workers + n - 1) // n
 
 
-def _spawned_worker(local_rank, main_worker, nprocs, args):
+def _spawned_worker(
+    local_rank: int, main_worker: Callable[..., Any], nprocs: int, args: tuple
+) -> None:
     try:
         main_worker(local_rank, nprocs, *args)
     except ONE_LINE_ERRORS as e:
@@ -138,7 +142,7 @@ def _spawned_worker(local_rank, main_worker, nprocs, args):
         sys.exit(2)
 
 
-def launch(main_worker, settings, *args):
+def launch(main_worker: Callable[..., Any], settings: Launch, *args: Any) -> Any:
     """Run main_worker(local_rank, procs_per_node, *args) in each process of this node."""
     if _under_torchrun():
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -151,7 +155,7 @@ def launch(main_worker, settings, *args):
     )
 
     # a scheduler may signal this process only
-    def forward(signum, frame):
+    def forward(signum: int, frame: object) -> None:
         for p in context.processes:
             if p.is_alive():
                 os.kill(p.pid, signum)
@@ -178,7 +182,9 @@ def launch(main_worker, settings, *args):
         raise SystemExit(1) from None
 
 
-def init_distributed(local_rank, procs_per_node, settings):
+def init_distributed(
+    local_rank: int | None, procs_per_node: int, settings: Launch
+) -> DistEnv:
     """
     Join the process group of this launch mode and log as this process's rank does;
     returns where this process runs.
@@ -221,7 +227,7 @@ def init_distributed(local_rank, procs_per_node, settings):
     return DistEnv(rank, world_size, local_rank, procs_per_node, device)
 
 
-def local_gpu(local_rank, visible=None):
+def local_gpu(local_rank: int, visible: int | None = None) -> int:
     """
     The GPU index of the process with `local_rank`: its own GPU when the node's GPUs
     are all visible to it, GPU 0 when a scheduler shows each process only its own one
@@ -238,7 +244,7 @@ def local_gpu(local_rank, visible=None):
     )
 
 
-def ddp_buffer_option(ddp_init=None):
+def ddp_buffer_option(ddp_init: Callable[..., Any] | None = None) -> str:
     """
     The keyword that stops DistributedDataParallel from broadcasting buffers at each
     forward: `forward_sync_buffers` where the installed torch has it (2.13 and newer,
@@ -251,7 +257,11 @@ def ddp_buffer_option(ddp_init=None):
     return "broadcast_buffers"
 
 
-def wrap_ddp(model, device, ddp_init=None):
+def wrap_ddp(
+    model: torch.nn.Module,
+    device: torch.device,
+    ddp_init: Callable[..., Any] | None = None,
+) -> torch.nn.parallel.DistributedDataParallel:
     """
     `model` in DistributedDataParallel whose buffers are process 0's at the start and
     then never broadcast again: MoCo's queue stays the same on every process by itself,
@@ -262,7 +272,7 @@ def wrap_ddp(model, device, ddp_init=None):
     ddp = torch.nn.parallel.DistributedDataParallel(
         model,
         device_ids=[device] if device.type == "cuda" else None,
-        **{option: False},
+        **{option: False},  # type: ignore[arg-type]  # a keyword known at run time
     )
     if option == "broadcast_buffers":
         # forward_sync_buffers=False still syncs buffers once; broadcast_buffers=False
@@ -272,24 +282,24 @@ def wrap_ddp(model, device, ddp_init=None):
     return ddp
 
 
-def get_world_size():
+def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def barrier():
+def barrier() -> None:
     """Wait for every process; nothing to wait for with one."""
     if get_world_size() > 1:
         dist.barrier()
 
 
-def all_reduce_sum(tensor):
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place; the tensor itself with one process."""
     if get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor
 
 
-def any_process(flags, device):
+def any_process(flags: Sequence[bool], device: torch.device) -> list[bool]:
     """For each of the booleans `flags`: is it true on any process?"""
     if get_world_size() == 1:
         return [bool(f) for f in flags]
@@ -298,7 +308,7 @@ def any_process(flags, device):
     return [bool(f) for f in t.tolist()]
 
 
-def broadcast_object(obj):
+def broadcast_object(obj: Any) -> Any:
     """Process 0's obj on every process."""
     if get_world_size() == 1:
         return obj
@@ -307,14 +317,14 @@ def broadcast_object(obj):
     return box[0]
 
 
-def shared_seed(seed=None):
+def shared_seed(seed: int | None = None) -> int:
     """`seed`, or a fresh random one, the same on every process (process 0's)."""
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
     return broadcast_object(seed)
 
 
-def shard_range(n, rank, world_size):
+def shard_range(n: int, rank: int, world_size: int) -> range:
     """
     The contiguous share of `n` samples that process `rank` evaluates: shares differ by
     at most one and, unlike DistributedSampler's, hold every sample exactly once.
@@ -322,7 +332,7 @@ def shard_range(n, rank, world_size):
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 
-def all_gather_rows(tensor):
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     """Every process's `tensor` (row counts may differ), concatenated in rank order."""
     world_size = get_world_size()
     if world_size == 1:
@@ -339,7 +349,7 @@ def all_gather_rows(tensor):
     return torch.cat([g[:c] for g, c in zip(gathered, counts)])
 
 
-def cleanup():
+def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -352,18 +362,18 @@ class StopSignal:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
-        self.received = None
+    def __init__(self) -> None:
+        self.received: int | None = None
         self._previous = {
             signum: signal.signal(signum, self._handler) for signum in self.SIGNALS
         }
 
-    def restore(self):
+    def restore(self) -> None:
         """Put back the handlers that were there before."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
-    def _handler(self, signum, frame):
+    def _handler(self, signum: int, frame: object) -> None:
         if self.received is None:
             logger.warning(
                 f"=> received {signal.Signals(signum).name}: stopping after this step"

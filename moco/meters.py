@@ -2,6 +2,7 @@
 
 import json
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -11,51 +12,55 @@ from moco.utils import logger
 class AverageMeter:
     """Computes and stores the average and current value"""
 
-    def __init__(self, name, fmt=":f"):
+    def __init__(self, name: str, fmt: str = ":f") -> None:
         self.name = name
         self.fmt = fmt
         self.reset()
 
-    def reset(self):
-        self.val = 0
-        self.avg = 0
-        self.sum = 0
+    def reset(self) -> None:
+        self.val: float = 0
+        self.avg: float = 0
+        self.sum: float = 0
         self.count = 0
 
-    def update(self, val, n=1):
+    def update(self, val: float, n: int = 1) -> None:
         self.val = val
         self.sum += val * n
         self.count += n
         self.avg = self.sum / self.count
 
-    def state(self):
+    def state(self) -> list[float]:
         """What a mid-epoch checkpoint keeps: the running sum and count."""
         return [self.sum, self.count]
 
-    def load_state(self, state):
+    def load_state(self, state: Sequence) -> None:
         self.sum, self.count = state
         self.avg = self.sum / max(self.count, 1)
 
-    def __str__(self):
+    def __str__(self) -> str:
         fmtstr = "{name} {val" + self.fmt + "} ({avg" + self.fmt + "})"
         return fmtstr.format(**self.__dict__)
 
 
 class ProgressMeter:
-    def __init__(self, num_batches, meters, prefix=""):
+    def __init__(
+        self, num_batches: int, meters: Sequence[AverageMeter], prefix: str = ""
+    ) -> None:
         num_digits = len(str(num_batches))
         fmt = "{:" + str(num_digits) + "d}"
         self.batch_fmtstr = "[" + fmt + "/" + fmt.format(num_batches) + "]"
         self.meters = meters
         self.prefix = prefix
 
-    def display(self, batch):
+    def display(self, batch: int) -> None:
         entries = [self.prefix + self.batch_fmtstr.format(batch)]
         entries += [str(meter) for meter in self.meters]
         logger.info("\t".join(entries))
 
 
-def correct_counts(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)):
+def correct_counts(
+    output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1, 5)
+) -> torch.Tensor:
     """
     How many rows of `output` rank their target within the top k, for each k, as one
     float tensor on output's device: read to the host once with the step's other values.
@@ -67,7 +72,9 @@ def correct_counts(output: torch.Tensor, target: torch.Tensor, topk=(1, 5)):
         return torch.stack([correct[: min(k, maxk)].sum() for k in topk]).float()
 
 
-def read_step(loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor):
+def read_step(
+    loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor
+) -> tuple[float, float, float]:
     """
     (loss, top-1 %, top-5 %) of a step as Python floats, in one host read: on a GPU
     each read waits for the device, so a step makes one.
@@ -94,7 +101,7 @@ class TrainMeters:
         first: int = 0,
         world_size: int = 1,
         sums: dict | None = None,
-    ):
+    ) -> None:
         self.epoch, self.total, self.first = epoch, total, first
         self.world_size = world_size
         self.batch_time = AverageMeter("Time", ":6.3f")
@@ -115,18 +122,18 @@ class TrainMeters:
         self.start = self.end = time.time()
 
     @property
-    def averaged(self):
+    def averaged(self) -> tuple[AverageMeter, AverageMeter, AverageMeter]:
         """The meters whose sums a mid-epoch checkpoint keeps."""
         return (self.losses, self.top1, self.top5)
 
     def sums(self) -> dict:
         return {meter.name: meter.state() for meter in self.averaged}
 
-    def loaded(self):
+    def loaded(self) -> None:
         """A batch arrived from the loader."""
         self.data_time.update(time.time() - self.end)
 
-    def update(self, loss: float, acc1: float, acc5: float, n: int):
+    def update(self, loss: float, acc1: float, acc5: float, n: int) -> None:
         """A step done: its loss and top-1/top-5 accuracy (%), weighted by `n`."""
         self.n = n
         self.losses.update(loss, n)
@@ -174,7 +181,9 @@ class TrainMeters:
 class JsonLogger:
     """One JSON object per line in `path` (and TensorBoard scalars when installed)."""
 
-    def __init__(self, path, enabled=True, tensorboard_dir=None):
+    def __init__(
+        self, path: str, enabled: bool = True, tensorboard_dir: str | None = None
+    ) -> None:
         self.path = path if enabled else None
         self.tb = None
         if enabled and tensorboard_dir:
@@ -185,7 +194,7 @@ class JsonLogger:
             except ImportError:  # tensorboard is optional
                 self.tb = None
 
-    def log(self, record, step=None):
+    def log(self, record: dict, step: int | None = None) -> None:
         if self.path is None:
             return
         with open(self.path, "a") as f:

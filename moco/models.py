@@ -1,6 +1,7 @@
 """Backbones: torchvision classification models, a small-image stem, split BatchNorm."""
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -10,12 +11,12 @@ from moco.utils import UsageError
 
 
 @functools.cache
-def model_names():
+def model_names() -> tuple[str, ...]:
     """The torchvision classification models (no helpers such as get_model)."""
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
-def check_arch(arch, mlp=False, small_stem=False):
+def check_arch(arch: str, mlp: bool = False, small_stem: bool = False) -> None:
     """Refuse an architecture that cannot be used, with a message saying why."""
     if arch not in model_names():
         raise UsageError(
@@ -46,13 +47,20 @@ class SplitBatchNorm(nn.BatchNorm2d):
     the grouping random.
     """
 
-    def __init__(self, num_features, num_splits, **kwargs):
+    def __init__(self, num_features: int, num_splits: int, **kwargs: Any) -> None:
         super().__init__(num_features, **kwargs)
         self.num_splits = num_splits
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training or not self.track_running_stats) or self.num_splits == 1:
             return super().forward(input)
+        # the groups' statistics go into running averages, which need both
+        assert (
+            self.running_mean is not None
+            and self.running_var is not None
+            and self.num_batches_tracked is not None
+            and self.momentum is not None
+        ), "SplitBatchNorm needs track_running_stats=True and a float momentum"
         N, C, H, W = input.shape
         if N % self.num_splits:
             raise ValueError(
@@ -77,7 +85,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
         return out
 
 
-def _split_batchnorm(module, num_splits):
+def _split_batchnorm(module: nn.Module, num_splits: int) -> None:
     """Swap every BatchNorm2d for a SplitBatchNorm holding the same tensors."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
@@ -95,7 +103,9 @@ def _split_batchnorm(module, num_splits):
             _split_batchnorm(child, num_splits)
 
 
-def build_encoder(arch, num_classes=1000, small_stem=False, bn_splits=1):
+def build_encoder(
+    arch: str, num_classes: int = 1000, small_stem: bool = False, bn_splits: int = 1
+) -> nn.Module:
     """
     A torchvision model, built exactly as torchvision.models.__dict__[arch](num_classes)
     (same use of the random number generator), then optionally:

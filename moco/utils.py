@@ -4,6 +4,7 @@ import logging
 import math
 import random
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ class NonFiniteLossError(Exception):
 ONE_LINE_ERRORS = (UsageError, NonFiniteLossError)
 
 
-def seed_everything(seed):
+def seed_everything(seed: int | None) -> None:
     """
     Seed Python, NumPy and torch when `seed` is given; convolution algorithms are then
     deterministic, else the fastest (cudnn.benchmark).
@@ -45,7 +46,7 @@ def seed_everything(seed):
     cudnn.benchmark = seed is None
 
 
-def setup_logging(rank=0):
+def setup_logging(rank: int = 0) -> None:
     """Process 0 logs at INFO to stdout; the others only warnings and errors."""
     if logger.handlers:
         logger.handlers.clear()
@@ -57,7 +58,7 @@ def setup_logging(rank=0):
     logger.propagate = False
 
 
-def one_line(error):
+def one_line(error: BaseException) -> str:
     """The message of an error, one line, also when a loader worker wrapped it."""
     text = str(error).strip()
     if "Original Traceback" in text:  # re-raised by torch.utils.data from a worker
@@ -67,7 +68,13 @@ def one_line(error):
     return " ".join(text.split())
 
 
-def learning_rate(epoch, lr, epochs, schedule=(), cos=False):
+def learning_rate(
+    epoch: float,
+    lr: float,
+    epochs: int,
+    schedule: Sequence[int] = (),
+    cos: bool = False,
+) -> float:
     """
     The original's schedules, at a (possibly fractional) epoch: cosine from lr to 0
     over `epochs`, or steps of 0.1x at each epoch in `schedule`.
@@ -79,7 +86,14 @@ def learning_rate(epoch, lr, epochs, schedule=(), cos=False):
     return lr
 
 
-def adjust_learning_rate(optimizer, epoch, lr, epochs, schedule=(), cos=False):
+def adjust_learning_rate(
+    optimizer: torch.optim.Optimizer,
+    epoch: float,
+    lr: float,
+    epochs: int,
+    schedule: Sequence[int] = (),
+    cos: bool = False,
+) -> float:
     """Decay the learning rate based on schedule; returns the value set."""
     lr = learning_rate(epoch, lr, epochs, schedule, cos)
     for param_group in optimizer.param_groups:
