@@ -7,13 +7,19 @@ PY := $(VENV)/bin/python
 
 venv: $(VENV)/.installed
 
+# the versions the suite is run with here (requirements.txt states the supported range);
+# `make venv PINS=` takes the newest the range allows
+PINS ?= torch==2.14.1 torchvision==0.29.1
+
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt $(PINS)
 	touch $@
 
+# the type check, then the tests; the 10 slowest are listed after every run
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m mypy
+	$(PY) -m pytest -q tests --durations=10
 
 # CIFAR-10 for the demo where this machine keeps it; else the demo looks in its cache,
 # then downloads it, then falls back to generated shapes (make demo DEMO_DATA=PATH)

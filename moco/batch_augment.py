@@ -176,7 +176,7 @@ class BatchAugment:
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
-        self._warned = set()
+        self._warned: set[str] = set()
 
     def __call__(
         self, batch: EncodedBatch, device: torch.device | str
@@ -366,7 +366,7 @@ def color_jitter(x: torch.Tensor, params: Sequence[CropParams]) -> torch.Tensor:
     for stage in range(4):
         for i, adjust in enumerate(ADJUSTMENTS):
             rows = [n for n, o in enumerate(orders) if o is not None and o[stage] == i]
-            factors = [params[n].jitter[1 + i] for n in rows]
+            factors = [params[n].jitter[1 + i] for n in rows]  # type: ignore[index]
             factors = torch.tensor(factors, dtype=torch.float64, device=x.device)
             x = _apply(x, rows, adjust, factors)
     return x

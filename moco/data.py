@@ -138,7 +138,7 @@ class SeededImages(Dataset):
         self.lines = lines
         # counted across loader workers
         self.skipped = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._reported = set()
+        self._reported: set[str] = set()
 
     def __len__(self):
         return len(self.samples)
@@ -236,7 +236,9 @@ def find_images(root: str) -> list[str]:
     paths = [os.path.join(root, name) for name in sorted(images)]
     for name, ident in sorted(top):
         found = []  # (folder, its image names)
-        pending = [(os.path.join(root, name), (root_ident, ident))]
+        pending: list[tuple[str, tuple]] = [
+            (os.path.join(root, name), (root_ident, ident))
+        ]
         while pending:
             folder, ancestors = pending.pop()
             images, subfolders = _scan(folder)

@@ -86,7 +86,8 @@ class FastTwoCrops:
                 )
                 jitter = (tuple(order.tolist()), *factors)
             elif op == "blur" and _applied(r.blur_p):
-                sigma = torch.empty(1).uniform_(*r.blur_sigma).item()
+                low, high = r.blur_sigma  # type: ignore[misc]
+                sigma = torch.empty(1).uniform_(low, high).item()
             elif op == "flip":
                 flip = bool(torch.rand(1) < r.flip_p)
         return CropParams(box, jitter, gray, sigma, flip)
@@ -295,7 +296,7 @@ def box_blur_radius(sigma: float, passes: int = BLUR_PASSES) -> np.float32:
     return f(whole + a)
 
 
-def box_weights(radius: float) -> tuple[int, float, float]:
+def box_weights(radius: float | np.floating) -> tuple[int, float, float]:
     """PIL's extended box: 2r+1 taps of weight ww and two outer taps of weight fw (/2**24)."""
     r = int(radius)
     ww = int(np.float32(1 << 24) / (radius * np.float32(2) + np.float32(1)))

@@ -160,7 +160,10 @@ def pretrain_augmentation(
     operations = {
         "gray": lambda: transforms.RandomGrayscale(p=r.gray_p),
         "jitter": lambda: _random_apply(transforms.ColorJitter(*r.jitter), r.jitter_p),
-        "blur": lambda: _random_apply(GaussianBlur(r.blur_sigma), r.blur_p),
+        # a recipe with "blur" in its order has its sigma range (Recipe checks)
+        "blur": lambda: _random_apply(
+            GaussianBlur(r.blur_sigma), r.blur_p  # type: ignore[arg-type]
+        ),
         "flip": lambda: transforms.RandomHorizontalFlip(p=r.flip_p),
     }
     augmentation = [transforms.RandomResizedCrop(size, scale=r.scale, ratio=r.ratio)]
