@@ -415,14 +415,13 @@ class Bench:
         args, w, n = self.args, self.world_size, self.args.batch_size
         image = 3 * args.input_size**2 * 4
         key = args.moco_dim * 4
-        out = {"broadcast indices": w * n * 8}
+        # the keys are gathered twice: to unshuffle them and to enqueue them
+        out = {"broadcast indices": w * n * 8, "all_gather keys": 2 * (w - 1) * n * key}
         if original:
             out["all_gather images"] = (w - 1) * n * image
-            out["all_gather keys"] = 2 * (w - 1) * n * key
             out["DDP buffer broadcast"] = sum(_nbytes(b) for b in model.buffers())
         else:
             out["all_to_all images"] = (w - 1) * n * image / w  # expected: (w-1)/w rows
-            out["all_gather keys"] = (w - 1) * n * key
         grads = sum(_nbytes(p) for p in model.encoder_q.parameters())
         out["DDP gradient all_reduce"] = 2 * (w - 1) * grads / w
         return out
