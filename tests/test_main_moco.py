@@ -179,62 +179,6 @@ def test_log_has_one_json_object_per_line_with_the_promised_fields(
     assert all(0 <= r["knn_acc1"] <= 100 for r in records if r["kind"] == "knn")
 
 
-def test_two_processes_spawned_like_the_original(image_folder, tmp_path):
-    out = tmp_path / "out"
-    r = script(
-        "main_moco.py",
-        image_folder,
-        *TINY,
-        "--epochs",
-        "1",
-        "--output-dir",
-        out,
-        "--multiprocessing-distributed",
-        "--procs-per-node",
-        "2",
-        "--world-size",
-        "1",
-        "--rank",
-        "0",
-        "--dist-url",
-        f"tcp://127.0.0.1:{free_port()}",
-    )
-    assert r.returncode == 0, r.stderr
-    assert "batch: 4 per process, 8 global" in r.stdout
-    assert "processes: 2 (2 per node), device cpu" in r.stdout
-    assert r.stdout.count("Epoch: [0][0/") == 1  # only rank 0 prints
-    ckpt = load(out / "checkpoint_0000.pth.tar")
-    assert all(k.startswith("module.") for k in ckpt["state_dict"])
-    # 24 images over 2 processes of 4: 3 steps of 8 keys
-    assert int(ckpt["state_dict"]["module.queue_ptr"]) == 24
-    # and it resumes, queue included
-    r = script(
-        "main_moco.py",
-        image_folder,
-        *TINY,
-        "--epochs",
-        "2",
-        "--output-dir",
-        out,
-        "--multiprocessing-distributed",
-        "--procs-per-node",
-        "2",
-        "--world-size",
-        "1",
-        "--rank",
-        "0",
-        "--dist-url",
-        f"tcp://127.0.0.1:{free_port()}",
-        "--resume",
-        out / "checkpoint_0000.pth.tar",
-    )
-    assert r.returncode == 0, r.stderr
-    assert (
-        int(load(out / "checkpoint_0001.pth.tar")["state_dict"]["module.queue_ptr"])
-        == 48
-    )
-
-
 def test_torchrun_splits_the_node_batch_over_its_processes(image_folder, tmp_path):
     r = script(
         "torchrun",
