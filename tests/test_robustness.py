@@ -19,7 +19,6 @@ from conftest import (
     load,
     moco_args,
     run_moco,
-    script,
 )
 
 import main_moco
@@ -231,7 +230,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(
 
 
 def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_checkpoint(
-    image_folder, tmp_path
+    image_folder, tmp_path, monkeypatch, capsys
 ):
     run_moco(image_folder, tmp_path / "probe")
     size = os.path.getsize(tmp_path / "probe" / "checkpoint_0000.pth.tar")
@@ -248,14 +247,17 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_checkpoint(
             "covers the message"
         )
     try:
-        r = script(
-            "main_moco.py", image_folder, *TINY, "--epochs", "2", "--output-dir", disk
-        )
+        argv = [image_folder, *TINY, "--epochs", "2", "--output-dir", disk]
+        monkeypatch.setattr("sys.argv", ["main_moco.py", *map(str, argv)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_cli(main_moco.main, main_moco.get_args_parser())
+        stderr = capsys.readouterr().err
         first = str(disk / "checkpoint_0000.pth.tar")
-        assert r.returncode == 2, r.stdout + r.stderr
-        assert r.stderr.strip().count("\n") == 0, r.stderr
-        assert "no space left to write" in r.stderr and "checkpoint_0001" in r.stderr
-        assert f"--resume auto would use {first!r}" in r.stderr
+        assert e.value.code == 2
+        assert stderr.strip().count("\n") == 0, stderr
+        assert "no space left to write" in stderr and "checkpoint_0001" in stderr
+        assert f"--resume auto would use {first!r}" in stderr
         assert load(first)["epoch"] == 1
         assert sorted(os.listdir(disk)) == ["checkpoint_0000.pth.tar", "log.jsonl"]
     finally:
