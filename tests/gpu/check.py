@@ -75,10 +75,10 @@ class Stopped(BaseException):
 
 
 class BadArguments(Exception):
-    pass
+    """A command line that cannot run: said in one line, exit status 2."""
 
 
-def section_caps(args) -> dict:
+def section_caps(args: argparse.Namespace) -> dict:
     """Seconds for each section: CAPS (DRY_CAPS) times --time-scale, then
     --section-timeout, all scaled down to fit --total when they do not."""
     caps = {
@@ -99,9 +99,11 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_section(check, args, name: str, cap: float, sections_done: list) -> None:
+def run_section(
+    check: Check, args: argparse.Namespace, name: str, cap: float, done: list
+) -> None:
     sec = report.Section(name)
-    sections_done.append(sec)
+    done.append(sec)
     check.section = sec
     began, cpu_began = time.monotonic(), children_cpu_seconds()
     end = check.deadline if name == GREEDY else began + cap
@@ -128,8 +130,9 @@ def run_section(check, args, name: str, cap: float, sections_done: list) -> None
             sec.note = f"{type(e).__name__}: {e}"[:200] + place
             lines = traceback.format_exc().strip().splitlines()
             check.logged(f"{name}: {type(e).__name__}", "\n".join(lines[-12:]))
-    sec.seconds = round(time.monotonic() - began, 1)
-    sec.cpu_seconds = round(children_cpu_seconds() - cpu_began, 1)
+        finally:  # also when the check itself is stopped
+            sec.seconds = round(time.monotonic() - began, 1)
+            sec.cpu_seconds = round(children_cpu_seconds() - cpu_began, 1)
     check.section = None
 
 
@@ -140,11 +143,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[2],
     )
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU")
-    parser.add_argument("--out", default="gpu_check.json", help="the JSON report")
+    parser.add_argument(
+        "--out",
+        default=os.path.join("output", "gpu_check.json"),
+        help="the JSON report, its log beside it (default: output/, which git ignores)",
+    )
     parser.add_argument(
         "--cifar",
         default="",
-        help="cifar10-jpeg.tar.gz, e.g. data/cifar10-jpeg.tar.gz in the working tree",
+        help="cifar10-jpeg.tar.gz, e.g. data/cifar10-jpeg.tar.gz (gpu_check.sh takes "
+        "a relative path from the repository's root)",
     )
     parser.add_argument(
         "--total",
@@ -185,7 +193,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--step-compile",
         action="store_true",
-        help="also time --compile (a longer call: compiling ResNet-50 takes minutes)",
+        help="also time --compile (compiling ResNet-50 takes minutes: give the step "
+        "section more with --section-timeout step=S)",
     )
     parser.add_argument("--loader-images", type=int, default=512)
     parser.add_argument(
@@ -197,7 +206,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """Bad arguments end the check before anything runs."""
     only = [s for s in args.only.split(",") if s]
     skip = [s for s in args.skip.split(",") if s]
@@ -241,8 +250,15 @@ def main(argv: list | None = None) -> int:
         return 2
     caps = section_caps(args)
     out = os.path.abspath(args.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    check = Check(args.dry_run, args.total, os.path.splitext(out)[0] + ".log")
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        check = Check(args.dry_run, args.total, os.path.splitext(out)[0] + ".log")
+    except OSError as e:
+        print(
+            f"error: --out {args.out}: {e.strerror} (choose a writable path)",
+            file=sys.stderr,
+        )
+        return 2
     check.python = args.python or None  # else the set-up section finds one
     done = []
 
@@ -258,7 +274,10 @@ def main(argv: list | None = None) -> int:
             "info": check.info,
             "sections": done,
         }
-        report.write(out, record, text, check.log_path)
+        try:
+            report.write(out, record, text, check.log_path)
+        except OSError as e:  # the table is still printed at the end
+            check.say(f"could not write the report: {e}")
         return text
 
     def stopped(signum, frame):
@@ -271,8 +290,9 @@ def main(argv: list | None = None) -> int:
             run_section(check, args, name, caps[name], done)
             save()
     except Stopped as e:
-        sec = done[-1]
-        sec.status, sec.note = "failed", f"the check was stopped ({e})"
+        if check.section is not None:  # the section in progress
+            check.section.status = "failed"
+            check.section.note = f"the check was stopped ({e})"
         for name in SECTIONS[len(done) :]:
             done.append(
                 report.Section(name, note=f"not run: the check was stopped ({e})")

@@ -11,7 +11,7 @@ import pytest
 SLOW = ("compile",)  # in a test's name: it runs after the others
 
 
-def slow(item) -> bool:
+def slow(item: pytest.Item) -> bool:
     return any(word in item.name for word in SLOW)
 
 
@@ -23,22 +23,22 @@ def record(line: dict) -> None:
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=slow)  # stable: the others keep their order
 
 
-def pytest_collection_finish(session):
+def pytest_collection_finish(session: pytest.Session) -> None:
     record({"kind": "order", "nodeids": [item.nodeid for item in session.items]})
 
 
 _reports = {}
 
 
-def pytest_runtest_logreport(report):
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _reports.setdefault(report.nodeid, []).append(report)
 
 
-def message(report) -> str:
+def message(report: pytest.TestReport) -> str:
     if report.skipped and isinstance(report.longrepr, tuple):
         return str(report.longrepr[2]).removeprefix("Skipped: ")
     crash = getattr(report.longrepr, "reprcrash", None)
@@ -48,7 +48,7 @@ def message(report) -> str:
     return text[-1] if text else ""
 
 
-def pytest_runtest_logfinish(nodeid, location):
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
     reports = _reports.pop(nodeid, [])
     outcome, text = "passed", ""
     for r in reports:

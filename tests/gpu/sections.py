@@ -2,6 +2,7 @@
 section's time and adds its rows; it returns the section's note, or raises
 (SkipSection, SectionTimeout, or any other error: failed)."""
 
+import argparse
 import json
 import os
 import shutil
@@ -11,7 +12,8 @@ import tarfile
 import time
 
 import parse
-from harness import HERE, REPO, SectionTimeout, SkipSection
+from harness import HERE, REPO, Check, SectionTimeout, SkipSection
+from report import Section
 
 INFO = """
 import json, os, platform, torch
@@ -44,12 +46,12 @@ CIFAR_RECIPE = (
 ).split()
 PREEMPTED_EXIT_CODE = 75  # main_moco.py: stopped on a signal after a checkpoint
 # the dry run's CIFAR-10 subset, images per class: 3 steps of 16 an epoch, so that
-# the SIGTERM sent after the first kNN pass stops the run within an epoch
+# the SIGTERM sent after the first kNN pass stops the run within the next epoch
 DRY_CIFAR = {"train": 5, "val": 2}
 
 
 # ---------------------------------------------------------------- info
-def section_info(check, sec, args) -> str:
+def section_info(check: Check, sec: Section, args: argparse.Namespace) -> str:
     r = check.run([check.python, "-c", INFO], check.left())
     if r.rc != 0:
         raise RuntimeError(r.last_line())
@@ -91,7 +93,7 @@ HAS_TIMEOUT = (
 )
 
 
-def section_pytest(check, sec, args) -> str:
+def section_pytest(check: Check, sec: Section, args: argparse.Namespace) -> str:
     results = os.path.join(check.tmp, "pytest.jsonl")
     has_timeout = check.run([check.python, "-c", HAS_TIMEOUT], 30).rc == 0
     timeout = args.pytest_timeout if has_timeout else None
@@ -130,7 +132,7 @@ def section_pytest(check, sec, args) -> str:
 
 
 # ---------------------------------------------------------------- step
-def step_runs(check, args) -> list:
+def step_runs(check: Check, args: argparse.Namespace) -> list:
     """(label, bench/step.py arguments, share of the section's time) of each run."""
     if check.dry:
         base = (
@@ -153,7 +155,7 @@ def step_runs(check, args) -> list:
     return runs
 
 
-def section_step(check, sec, args) -> str:
+def section_step(check: Check, sec: Section, args: argparse.Namespace) -> str:
     runs = step_runs(check, args)
     failed, rates, timed_out = [], {}, False
     for i, (label, argv, share) in enumerate(runs):
@@ -194,14 +196,16 @@ def section_step(check, sec, args) -> str:
 
 
 # ---------------------------------------------------------------- loader
-def generate(check, root: str, n: int, width: int, height: int, classes: int) -> None:
+def generate(
+    check: Check, root: str, n: int, width: int, height: int, classes: int
+) -> None:
     script = os.path.join(HERE, "images.py")
     r = check.run([check.python, script, root, n, width, height, classes], 120)
     if r.rc != 0:
         raise RuntimeError(f"could not generate images: {r.last_line()}")
 
 
-def section_loader(check, sec, args) -> str:
+def section_loader(check: Check, sec: Section, args: argparse.Namespace) -> str:
     began = time.monotonic()
     folder = os.path.join(check.tmp, "loader")
     if check.dry:
@@ -248,7 +252,7 @@ def extract_subset(tarball: str, dest: str, per_class: dict) -> str:
     return dest
 
 
-def cifar_data(check, sec, args) -> str:
+def cifar_data(check: Check, sec: Section, args: argparse.Namespace) -> str:
     """The ImageFolder the run trains on, and its row."""
     began = time.monotonic()
     data = os.path.join(check.tmp, "cifar")
@@ -273,7 +277,7 @@ def cifar_data(check, sec, args) -> str:
     return data
 
 
-def cifar_command(check, data: str, out: str) -> list:
+def cifar_command(check: Check, data: str, out: str) -> list:
     argv = list(CIFAR_RECIPE)
     if check.dry:
         # 16 px crops (a step in a second): the kNN monitor then crops the images
@@ -289,7 +293,14 @@ def cifar_command(check, data: str, out: str) -> list:
     return [check.python, "main_moco.py", *argv, "--output-dir", out, data]
 
 
-def epoch_row(sec, index, epoch, published, knn_s, stopped=False) -> None:
+def epoch_row(
+    sec: Section,
+    index: int,
+    epoch: dict,
+    published: dict,
+    knn_s: float | None,
+    stopped: bool = False,
+) -> None:
     """Epoch `index`'s row: kNN and loss next to the published run's; one without a
     kNN figure was stopped (or failed) before or during its kNN pass."""
     acc, loss = epoch.get("knn_acc1"), epoch.get("loss")
@@ -310,7 +321,50 @@ def epoch_row(sec, index, epoch, published, knn_s, stopped=False) -> None:
     sec.add(f"epoch {index + 1}", status, value, seconds=seconds, figures=figures)
 
 
-def section_cifar(check, sec, args) -> str:
+class EpochRows:
+    """The run's log.jsonl read as it grows: a row for each epoch once its kNN figure
+    is in, with the seconds of its kNN pass when training and kNN arrived apart."""
+
+    def __init__(self, sec: Section, path: str):
+        self.sec, self.path, self.seen = sec, path, 0
+        self.records, self.shown, self.trained_at = [], set(), {}
+        self.published = parse.published_curve()
+
+    def poll(self) -> int:
+        """Rows for the epochs whose kNN figure came in; the epochs shown so far."""
+        new, self.seen = parse.read_new_records(self.path, self.seen)
+        self.records += new
+        epochs = parse.cifar_epochs(self.records)
+        for e in sorted(set(epochs) - self.shown):
+            if "knn_acc1" in epochs[e]:
+                trained = self.trained_at.get(e)
+                knn_s = None if trained is None else time.monotonic() - trained
+                epoch_row(self.sec, e, epochs[e], self.published, knn_s)
+                self.shown.add(e)
+        for e in epochs:
+            self.trained_at.setdefault(e, time.monotonic())
+        return len(self.shown)
+
+    def finish(self, stopped: bool) -> int:
+        """The rest of the file: rows for the epochs left, kNN figure or not."""
+        self.poll()
+        epochs = parse.cifar_epochs(self.records)
+        for e in sorted(set(epochs) - self.shown):
+            epoch_row(self.sec, e, epochs[e], self.published, None, stopped)
+        return len(self.shown)
+
+
+def terminate(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM (main_moco.py checkpoints and exits 75), then SIGKILL after `grace`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def section_cifar(check: Check, sec: Section, args: argparse.Namespace) -> str:
     data = cifar_data(check, sec, args)
     out = os.path.join(check.tmp, "cifar_run")
     cmd = [str(c) for c in cifar_command(check, data, out)]
@@ -319,9 +373,11 @@ def section_cifar(check, sec, args) -> str:
     # SIGTERM stops the run after the step in progress (or the kNN pass), then saves
     grace = min(45.0 if check.dry else 20.0, check.left() / 3)
     run_until = time.monotonic() + check.left() - grace
+    stop_after = 1 if check.dry else args.cifar_epochs
+    rows = EpochRows(sec, os.path.join(out, "log.jsonl"))
     log_path = os.path.join(check.tmp, "cifar_run.out")
-    published = parse.published_curve()
     with open(log_path, "w") as log_file:
+        began = time.monotonic()
         proc = subprocess.Popen(
             cmd,
             stdout=log_file,
@@ -330,48 +386,23 @@ def section_cifar(check, sec, args) -> str:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
         )
-        records, seen, began = [], 0, time.monotonic()
-        shown_epochs, trained_at = set(), {}
-        stop_after = 1 if check.dry else args.cifar_epochs
         try:
             while proc.poll() is None and time.monotonic() < run_until:
-                new, seen = parse.read_new_records(os.path.join(out, "log.jsonl"), seen)
-                records += new
-                epochs = parse.cifar_epochs(records)
-                for e in sorted(set(epochs) - shown_epochs):
-                    if "knn_acc1" in epochs[e]:
-                        # seen trained in an earlier poll: the kNN pass took this long
-                        knn_s = (
-                            time.monotonic() - trained_at[e]
-                            if e in trained_at
-                            else None
-                        )
-                        epoch_row(sec, e, epochs[e], published, knn_s)
-                        shown_epochs.add(e)
-                        check.progress()  # a kill of the whole check keeps this epoch
-                for e in epochs:
-                    trained_at.setdefault(e, time.monotonic())
-                if stop_after and len(shown_epochs) >= stop_after:
+                done = len(rows.shown)
+                if rows.poll() > done:
+                    check.progress()  # a kill of the whole check keeps these epochs
+                if stop_after and len(rows.shown) >= stop_after:
                     break
                 time.sleep(0.5)
         finally:
-            stopped = proc.poll() is None
+            stopped, signalled = proc.poll() is None, time.monotonic()
             if stopped:
-                signalled = time.monotonic()
-                proc.send_signal(signal.SIGTERM)  # checkpoints, exits 75
-                try:
-                    proc.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                terminate(proc, grace)
     with open(log_path, errors="replace") as f:
         output = f.read()
     check.logged(f"{shown}\n(exit {proc.returncode})", output[-200_000:])
     check.keep_tail(output)
-    records += parse.read_new_records(os.path.join(out, "log.jsonl"), seen)[0]
-    epochs = parse.cifar_epochs(records)
-    for e in sorted(set(epochs) - shown_epochs):
-        epoch_row(sec, e, epochs[e], published, None, stopped)
+    epochs = rows.finish(stopped)
     how = f"exit {proc.returncode} after {time.monotonic() - began:.0f} s"
     if stopped:
         how = f"SIGTERM after {signalled - began:.0f} s, exit {proc.returncode}"
@@ -380,6 +411,6 @@ def section_cifar(check, sec, args) -> str:
     if not ok_exit:
         how += ": " + " | ".join(output.strip().splitlines()[-2:])[:200]
     sec.add("stop", "ok" if ok_exit else "failed", how)
-    if not shown_epochs or not ok_exit:
-        raise RuntimeError(f"{len(shown_epochs)} epoch(s) with kNN; {how}")
-    return f"{len(shown_epochs)} epoch(s) with kNN; {how}"
+    if not epochs or not ok_exit:
+        raise RuntimeError(f"{epochs} epoch(s) with kNN; {how}")
+    return f"{epochs} epoch(s) with kNN; {how}"

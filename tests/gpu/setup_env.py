@@ -7,12 +7,14 @@ created and `pip install -r requirements.txt -r requirements-dev.txt` run, as
 `make venv` does.
 """
 
+import argparse
 import json
 import os
 import re
 import time
 
-from harness import REPO
+from harness import REPO, Check
+from report import Section
 
 # what an interpreter has, without importing torch (seconds on a busy machine)
 PROBE = """
@@ -44,7 +46,7 @@ def requirements() -> list:
     return reqs
 
 
-def probe(check, python: str) -> dict | None:
+def probe(check: Check, python: str) -> dict | None:
     names = [name for name, _, _ in requirements()]
     r = check.run([python, "-c", PROBE, *names], 60)
     if r.rc != 0:
@@ -52,7 +54,7 @@ def probe(check, python: str) -> dict | None:
     return json.loads(r.output.strip().splitlines()[-1])
 
 
-def section_setup(check, sec, args) -> str:
+def section_setup(check: Check, sec: Section, args: argparse.Namespace) -> str:
     if args.python:
         found = probe(check, args.python)
         if not found or not found["torch"]:
@@ -135,7 +137,7 @@ def section_setup(check, sec, args) -> str:
     return f"{python}, torch {have['torch']}"
 
 
-def link_site_packages(check, python: str, site_dirs: list) -> None:
+def link_site_packages(check: Check, python: str, site_dirs: list) -> None:
     where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     own = check.run([python, "-c", where], 60).output.strip().splitlines()[-1]
     with open(os.path.join(own, "_gpu_check_base.pth"), "w") as f:
