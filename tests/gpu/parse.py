@@ -7,10 +7,9 @@ import json
 import os
 import re
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# the official CIFAR-10 demo's published run, every epoch (facebookresearch/moco,
-# branch colab-notebook, colab/moco_cifar10_demo.ipynb): epoch,loss,knn_top1
-PUBLISHED_CURVE = os.path.join(HERE, "cifar10_published.csv")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the official CIFAR-10 demo's published run, every epoch, with its source
+PUBLISHED_CURVE = os.path.join(REPO, "tools", "reference", "cifar10_demo.csv")
 
 STEP_ROW = re.compile(
     r"^\((a|b|o)\) (?:step|floor|original)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)"
@@ -101,12 +100,11 @@ def pytest_summary(output: str) -> str:
 
 
 def published_curve(path: str = PUBLISHED_CURVE) -> dict:
-    """{epoch (1-based): (loss, kNN top-1)} of the published run."""
+    """{epoch (1-based): (loss, kNN top-1)} of the published run ('#' lines are its
+    description)."""
     with open(path) as f:
-        return {
-            int(r["epoch"]): (float(r["loss"]), float(r["knn_top1"]))
-            for r in csv.DictReader(f)
-        }
+        rows = csv.DictReader(line for line in f if not line.startswith("#"))
+        return {int(r["epoch"]): (float(r["loss"]), float(r["knn_top1"])) for r in rows}
 
 
 def cifar_epochs(records: list) -> dict:

@@ -29,7 +29,12 @@ class Section:
     rows: list = field(default_factory=list)
 
     def add(
-        self, item: str, status: str, value: str = "", seconds=None, figures=None
+        self,
+        item: str,
+        status: str,
+        value: str = "",
+        seconds: float | None = None,
+        figures: dict | None = None,
     ) -> Row:
         seconds = None if seconds is None else round(seconds, 2)
         row = Row(str(item), str(status), str(value), seconds, figures or {})
