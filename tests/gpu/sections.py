@@ -144,7 +144,7 @@ def step_runs(check: Check, args: argparse.Namespace) -> list:
             f"-a resnet50 --input-size 224 -b {args.step_batch} --moco-k 65536 "
             "--mlp --moco-t 0.2 --device cuda --steps 10 --warmup 3 --part-reps 5"
         ).split()
-    # three models and MoCo's parts timed alone in the first; compiling the longest
+    # shares of the time: the first builds three models and times MoCo's parts
     runs = [("fp32 --original", base + ["--original"], 3)]
     amp = "--amp --channels-last"
     runs.append((amp, base + f"{amp} --no-parts".split(), 2))
