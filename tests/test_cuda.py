@@ -3,8 +3,10 @@ torchrun with NCCL, and a GPU checkpoint read on the CPU.
 
 Every test is marked `cuda` and runs on the device of the `device` fixture: the GPU
 when there is one, else it is skipped. With MOCO_TEST_DEVICE=cpu the same tests run
-on the CPU at toy size (bench/gpu_check.py --dry-run does this, so they cannot rot),
-where the options that need CUDA become their CPU equivalents (see `on`).
+on the CPU at toy size (tests/test_gpu_check.py does this, so they cannot rot), where
+the options that need CUDA become their CPU equivalents (see `on`) and bfloat16 runs
+only where the CPU has it natively (`native_bfloat16`): elsewhere it is emulated, and
+one step takes seconds instead of milliseconds.
 
     pytest -m cuda -q                         # on a machine with a GPU
     MOCO_TEST_DEVICE=cpu pytest -m cuda -q    # the CPU fall-back
@@ -34,6 +36,7 @@ from conftest import (
     script,
 )
 
+import main_lincls
 from moco.builder import MoCo
 from moco.distributed import wrap_ddp
 from moco.models import build_encoder
@@ -41,6 +44,8 @@ from moco.models import build_encoder
 pytestmark = pytest.mark.cuda
 
 EPOCHS = 2
+# crops on the CPU fall-back: a step of ResNet-18 in a fraction of a second
+CPU_INPUT_SIZE = 16
 
 
 def device_under_test():
@@ -76,7 +81,8 @@ def on(device, *argv):
     """
     main_moco.py arguments for `device`. On the CPU, the options that need CUDA
     become their CPU equivalents: --gpu N is dropped (the CPU is used where there is
-    no GPU), float16 becomes bfloat16 (no gradient scaler) and nccl becomes gloo.
+    no GPU), float16 becomes bfloat16 (no gradient scaler) and nccl becomes gloo; the
+    crops are CPU_INPUT_SIZE px (the last --input-size given wins over TINY's).
     """
     argv = [str(a) for a in argv]
     if device.type == "cuda":
@@ -93,12 +99,23 @@ def on(device, *argv):
             out.append("gloo")
         else:
             out.append(a)
-    return out
+    return out + ["--input-size", str(CPU_INPUT_SIZE)]
 
 
 def amp_dtype_on(device, dtype):
     """The autocast type on `device`: float16 needs a GPU, bfloat16 stands in for it."""
     return "bfloat16" if device.type == "cpu" else dtype
+
+
+def native_bfloat16():
+    """Whether oneDNN has bfloat16 kernels for this CPU (not for AVX2-only ones)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def skip_cpu_duplicate(device, dtype):
+    """On the CPU float16 becomes bfloat16: that case is the bfloat16 one again."""
+    if device.type == "cpu" and dtype == "float16":
+        pytest.skip("float16 needs a GPU; on the CPU it would repeat the bfloat16 case")
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +239,12 @@ def test_seeded_runs_give_identical_checkpoints(device, data, tmp_path):
 def test_amp_resume_is_bit_identical_and_restores_the_gradient_scaler(
     device, data, tmp_path, dtype
 ):
+    skip_cpu_duplicate(device, dtype)
+    if device.type == "cpu" and not native_bfloat16():
+        pytest.skip(
+            "oneDNN has no bfloat16 kernels for this CPU: emulated, these runs take "
+            "minutes; the GPU and CPUs with them (AVX-512) run this test"
+        )
     amp = on(device, "--gpu", "0", "--amp", "--amp-dtype", dtype)
     run_moco(data, tmp_path / "full", *amp, epochs=EPOCHS)
     run_moco(data, tmp_path / "part", *amp, epochs=1)
@@ -248,12 +271,15 @@ def test_amp_resume_is_bit_identical_and_restores_the_gradient_scaler(
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_logits_and_queue_stay_float32_under_autocast(device, dtype):
+    skip_cpu_duplicate(device, dtype)
     dtype = getattr(torch, amp_dtype_on(device, dtype))
+    # the types do not depend on the size; emulated bfloat16 costs seconds a step
+    px = 32 if device.type == "cuda" else 8
     torch.manual_seed(0)
     encoder = functools.partial(build_encoder, "resnet18", small_stem=True)
     model = MoCo(encoder, dim=16, K=64, m=0.99, T=0.07, mlp=True).to(device)
     g = torch.Generator().manual_seed(1)
-    im_q, im_k = (torch.randn(8, 3, 32, 32, generator=g).to(device) for _ in range(2))
+    im_q, im_k = (torch.randn(8, 3, px, px, generator=g).to(device) for _ in range(2))
     with torch.autocast(device.type, dtype=dtype):
         assert model.encoder_q(im_q).dtype == dtype  # autocast is on
         logits, labels = model(im_q, im_k)
@@ -373,21 +399,17 @@ def test_gpu_checkpoint_loads_on_the_cpu_and_into_the_linear_probe(
             torch.load(path, weights_only=True)  # no GPU here to put it on
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert all(t.device.type == "cpu" for t in state["state_dict"].values())
-    # the linear probe on a machine without a GPU
+    # the linear probe on a machine without a GPU: a process that sees none
     probe_args = (
         "-a resnet18 --small-stem --input-size 32 -b 4 --epochs 1 -j 0 --seed 0"
     )
-    r = script(
-        "main_lincls.py",
-        *probe_args.split(),
-        "--pretrained",
-        path,
-        "--output-dir",
-        tmp_path / "probe",
-        data,
-        env={"CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    probe_args = [*probe_args.split(), "--pretrained", path]
+    probe_args += ["--output-dir", tmp_path / "probe", data]
+    if device.type == "cpu":  # this process sees none already
+        main_lincls.main(main_lincls.get_args_parser().parse_args(map(str, probe_args)))
+    else:
+        r = script("main_lincls.py", *probe_args, env={"CUDA_VISIBLE_DEVICES": ""})
+        assert r.returncode == 0, r.stdout + r.stderr
     probe = load(tmp_path / "probe" / "checkpoint.pth.tar")["state_dict"]
     probe = {k.removeprefix("module."): v for k, v in probe.items()}
     # the probe's backbone is the pretrained query encoder, unchanged
