@@ -201,7 +201,10 @@ class TinyNet(nn.Module):
 @pytest.mark.skipif(
     not shutil.which(os.environ.get("CXX", "g++")), reason="no C++ compiler"
 )
-def test_compiled_encoders_keep_state_dict_names_and_results():
+def test_compiled_encoders_keep_state_dict_names_and_results(tmp_path, monkeypatch):
+    # a cache of its own: compiled kernels cached by other runs (another
+    # ATEN_CPU_CAPABILITY, another torch) are not loaded
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(0)
     model = MoCo(TinyNet, dim=8, K=16, m=0.9, T=0.2, mlp=True)
     eager = copy.deepcopy(model)
@@ -213,6 +216,7 @@ def test_compiled_encoders_keep_state_dict_names_and_results():
     ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.queue, eager.queue, rtol=1e-4, atol=1e-5)
+    assert os.listdir(tmp_path / "inductor")  # compiled here, not read from elsewhere
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
