@@ -6,10 +6,12 @@
       --dist-url 'tcp://localhost:10001' --multiprocessing-distributed \
       --world-size 1 --rank 0 [your imagenet-folder with train and val folders]
 
-Also runs on one GPU, on the CPU and under torchrun (see README.md).
+Also runs on one GPU, on the CPU and under torchrun (see README.md). The quick probe,
+--cached-features, trains the same fc on features extracted once (moco/probe.py).
 """
 
 import argparse
+import copy
 import os
 import time
 
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets.folder import find_classes
 
 from moco import checkpoint as ckpt
+from moco import probe
 from moco.cli import (
     add_data_arguments,
     add_image_arguments,
@@ -41,6 +44,7 @@ from moco.distributed import (
     shard_range,
     shared_seed,
 )
+from moco.knn import KnnOptions
 from moco.loader import eval_transforms
 from moco.meters import (
     AverageMeter,
@@ -53,6 +57,7 @@ from moco.models import build_encoder, check_arch
 from moco.utils import UsageError, adjust_learning_rate, logger, seed_everything
 
 HEAD_KEYS = ("fc.weight", "fc.bias")
+ORIGINAL_LR = 30.0
 
 
 def get_args_parser():
@@ -65,7 +70,14 @@ def get_args_parser():
         "path to a checkpoint of this script (default: none); without --pretrained "
         "the sanity check compares with its backbone",
     )
-    parser.set_defaults(epochs=100, lr=30.0, schedule=[60, 80], weight_decay=0.0)
+    # --lr's default depends on the protocol: see learning_rate
+    parser.set_defaults(epochs=100, lr=None, schedule=[60, 80], weight_decay=0.0)
+    for action in parser._actions:
+        if action.dest == "lr":
+            action.help = (
+                f"initial learning rate (default: {ORIGINAL_LR}, the original's; "
+                f"{probe.PROBE_LR} with --cached-features)"
+            )
     parser.add_argument(
         "-e",
         "--evaluate",
@@ -81,13 +93,47 @@ def get_args_parser():
         "(module.encoder_q.*), a MoCo model saved without DDP (encoder_q.*), a MoCo v3 "
         "ResNet (module.base_encoder.*) or a torchvision state_dict",
     )
+    parser.add_argument(
+        "--cached-features",
+        action="store_true",
+        help="the quick probe: extract the backbone's features of DIR/train and "
+        "DIR/val once (validation transform, no augmentation), standardise them and "
+        "train fc on them for --epochs; saves the original's checkpoint files",
+    )
+    parser.add_argument(
+        "--knn",
+        action="store_true",
+        help="with --cached-features: also the weighted kNN accuracy of the same "
+        "features (k 200, t 0.1: main_knn.py's classifier)",
+    )
     add_launch_arguments(parser)
     add_image_arguments(parser)
     return parser
 
 
+def learning_rate(args) -> float:
+    """--lr, else its default: the original's 30, or PROBE_LR on cached features."""
+    if args.lr is not None:
+        return args.lr
+    return probe.PROBE_LR if args.cached_features else ORIGINAL_LR
+
+
 def check_args(args):
     """Refuse impossible settings with one line each, before any data is read."""
+    if args.cached_features:
+        for flag, given in (
+            ("--resume", args.resume),
+            ("--evaluate", args.evaluate),
+            ("--start-epoch", args.start_epoch),
+        ):
+            if given:
+                raise UsageError(
+                    f"--cached-features trains in one run and takes no {flag}: "
+                    "rerun it, or evaluate its checkpoint on the images with "
+                    "--evaluate --resume FILE without --cached-features"
+                )
+    elif args.knn:
+        raise UsageError("--knn measures cached features: add --cached-features")
     check_ranges(
         positive={
             "--epochs": args.epochs,
@@ -129,6 +175,7 @@ def create_model(args, num_classes):
 
 
 def main(args):
+    args = argparse.Namespace(**{**vars(args), "lr": learning_rate(args)})
     check_args(args)
     model = create_model(args, 1000)
     if args.pretrained:  # refuse a wrong file before reading any data
@@ -172,6 +219,8 @@ def run(env, args):
             "=> no --pretrained: a randomly initialised backbone (the baseline)"
         )
     model.to(env.device)
+    if args.cached_features:
+        return cached_probe(env, args, model, reference, batch_size, workers)
     model_ddp = model
     if env.distributed:
         model_ddp = nn.parallel.DistributedDataParallel(
@@ -348,21 +397,147 @@ def validate(val_loader, model, criterion, args, env):
             if i % args.print_freq == 0:
                 progress.display(i)
 
-    # this process's sums, then everyone's: the meters hold percentages of counts
+    # the meters hold percentages of counts
     totals = torch.tensor(
         [round(top1.sum / 100), round(top5.sum / 100), losses.sum, losses.count],
         dtype=torch.float64,
         device=env.device,
     )
+    return accuracy_report(totals)
+
+
+def accuracy_report(totals, shown=True):
+    """
+    The validation figures from this process's [top-1 count, top-5 count, loss sum,
+    images], summed over every process's: printed (if shown), and returned as
+    validate does.
+    """
     correct1, correct5, loss_sum, n = all_reduce_sum(totals).tolist()
     acc1, acc5 = 100.0 * correct1 / max(n, 1), 100.0 * correct5 / max(n, 1)
-    logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images)")
+    if shown:
+        logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images)")
     return {
         "val_acc1": acc1,
         "val_acc5": acc5,
         "val_loss": loss_sum / max(n, 1),
         "val_images": int(n),
     }
+
+
+def cached_probe(env, args, model, reference, batch_size, workers):
+    """
+    --cached-features: fc trained on the backbone's features of every image, extracted
+    once (moco/probe.py), with the report, log records and checkpoint files of the
+    protocol on images. Returns the best validation Acc@1.
+    """
+    log = JsonLogger(os.path.join(args.output_dir, "log.jsonl"), env.is_main)
+    train_set, val = cached_features(env, args, model, batch_size, workers, log)
+    mean, std = probe.feature_stats(train_set.x)
+    train_set.x = probe.standardize_(train_set.x, mean, std)
+    # trained on standardised features; the files get it folded (probe.fold)
+    fc = copy.deepcopy(model.fc)
+    optimizer = torch.optim.SGD(
+        fc.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
+    generator = torch.Generator().manual_seed(shared_seed(args.seed))
+    global_batch = batch_size * env.world_size
+    best_acc1, best = 0.0, None
+    for epoch in range(args.epochs):
+        lr = adjust_learning_rate(optimizer, epoch, args.lr, args.epochs, args.schedule)
+        train_stats = probe.train_epoch(
+            fc, optimizer, train_set, global_batch, generator
+        )
+        shown = epoch % args.print_freq == 0 or epoch == args.epochs - 1
+        if shown:
+            logger.info(
+                f"Epoch: [{epoch}] lr {lr:g} Loss {train_stats['loss']:.4e} Acc@1 "
+                f"{train_stats['acc1']:6.2f} Acc@5 {train_stats['acc5']:6.2f} "
+                "(training features)"
+            )
+        folded = probe.fold(fc, mean, std)
+        val_stats = accuracy_report(probe.validation_sums(folded, val, env), shown)
+        acc1 = val_stats["val_acc1"]
+        if acc1 > best_acc1:
+            best = (epoch, folded.state_dict())
+        best_acc1 = max(acc1, best_acc1)
+        log.log(
+            {
+                "kind": "epoch",
+                "epoch": epoch,
+                "lr": lr,
+                **train_stats,
+                **val_stats,
+                "best_acc1": best_acc1,
+            }
+        )
+    if best is not None:
+        logger.info(f" * best Acc@1 {best_acc1:.3f} (epoch {best[0]})")
+    save_cached_probe(env, args, model, best, best_acc1, folded.state_dict())
+    if env.is_main:
+        sanity_check(model.state_dict(), reference, args)
+    return best_acc1
+
+
+def cached_features(env, args, model, batch_size, workers, log):
+    """
+    The backbone's features of DIR/train and DIR/val (probe.Features, all of them on
+    every process), logged; with --knn, their kNN accuracy too.
+    """
+    # process 0's backbone and initial fc everywhere: without --seed the random
+    # initialisations differ, and every process trains the same classifier
+    probe.share_from_first_process(model)
+    start = time.time()
+    transform = eval_transforms(args.input_size, args.normalize)[1]
+    train_set, val = probe.extract_splits(
+        model, args.data, env, transform, batch_size, workers, args.skip_bad_images
+    )
+    record = {
+        "kind": "features",
+        "train_images": train_set.x.shape[0],
+        "val_images": val.x.shape[0],
+        "dim": train_set.x.shape[1],
+        "seconds": time.time() - start,
+    }
+    log.log(record)
+    logger.info(
+        f"=> cached features: {record['train_images']} training and "
+        f"{record['val_images']} validation images, {record['dim']}-d, extracted in "
+        f"{record['seconds']:.1f} s by {env.world_size} process(es), device "
+        f"{env.device}; standardised; fc trained in batches of "
+        f"{batch_size * env.world_size}, lr {args.lr:g}"
+    )
+    if args.knn:
+        options = KnnOptions()
+        num_classes = model.fc.out_features
+        acc = probe.knn_accuracy(train_set, val, num_classes, env, options.k, options.t)
+        logger.info(f" * kNN Acc@1 {acc:.2f} (k {options.k}, t {options.t})")
+        log.log({"kind": "knn", "knn_acc1": acc, "k": options.k, "t": options.t})
+    return train_set, val
+
+
+def save_cached_probe(env, args, model, best, best_acc1, last_fc):
+    """
+    The original's files: model_best.pth.tar with the fc of the best epoch (`best`:
+    its index and fc, or None), checkpoint.pth.tar with the last one (`last_fc`).
+    The optimizer's momentum belongs to the standardised features: the files hold a
+    fresh optimizer over model.fc.
+    """
+    optimizer = torch.optim.SGD(
+        [model.fc.weight, model.fc.bias],
+        args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+    )
+    checkpointer = ckpt.ClassifierCheckpointer(
+        args.output_dir, model, optimizer, arch=args.arch, enabled=env.is_main
+    )
+    last = args.epochs - 1
+    if best is not None:
+        model.fc.load_state_dict(best[1])
+        checkpointer.save(best[0], best_acc1, is_best=True)
+    if best is None or best[0] != last:
+        model.fc.load_state_dict(last_fc)
+        checkpointer.save(last, best_acc1, is_best=False)
 
 
 class SanityCheckError(RuntimeError):

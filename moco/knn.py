@@ -91,13 +91,18 @@ def backbone(encoder):
 
 
 @torch.no_grad()
-def extract_features(model, loader, device):
-    """L2-normalised outputs of `model` and the labels over `loader`: [N, D], [N]."""
+def extract_features(
+    model: nn.Module, loader: DataLoader, device: torch.device, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The outputs of `model` (L2-normalised unless not `normalize`) and the labels over
+    `loader`: [N, D], [N].
+    """
     model.eval()
     features, labels = [], []
     for images, target in loader:
         out = model(images.to(device, non_blocking=True)).flatten(1).float()
-        features.append(F.normalize(out, dim=1))
+        features.append(F.normalize(out, dim=1) if normalize else out)
         labels.append(target.to(device))
     if not features:  # a process without a share of a tiny set: [0, D] all the same
         dataset = getattr(loader.dataset, "dataset", loader.dataset)  # under a Subset
@@ -224,7 +229,7 @@ def knn_top1(queries, query_labels, bank, offset, bank_labels, num_classes, k, t
     return 100.0 * correct / max(queries.shape[0], 1)
 
 
-def _share_loader(dataset, env, batch_size, workers):
+def share_loader(dataset, env, batch_size: int, workers: int) -> DataLoader:
     """This process's contiguous share of `dataset`, in order."""
     share = Subset(dataset, shard_range(len(dataset), env.rank, env.world_size))
     return DataLoader(
@@ -274,10 +279,10 @@ def knn_accuracy(encoder, data_dir, env, options, batch_size, workers, skip_bad=
     query_set = SeededImageFolder(os.path.join(data_dir, "val"), transform)
 
     bank, bank_labels = extract_features(
-        model, _share_loader(bank_set, env, batch_size, workers), env.device
+        model, share_loader(bank_set, env, batch_size, workers), env.device
     )
     queries, query_labels = extract_features(
-        model, _share_loader(query_set, env, batch_size, workers), env.device
+        model, share_loader(query_set, env, batch_size, workers), env.device
     )
     del model
     offset = shard_range(len(bank_set), env.rank, env.world_size).start

@@ -87,26 +87,55 @@ def test_demo_rerun_replaces_only_its_own_previous_run(tmp_path):
 def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     out = tmp_path / "demo"
     results, plot = demo.run_demo(demo_args(out, "--shapes"), demo.QUICK)
-    assert set(results) == {
-        (e, p) for e in ("random", "moco") for p in ("knn", "linear")
+    assert {e: set(r) for e, r in results.items()} == {
+        e: {"knn", "linear"} for e in ("random", "moco")
     }
-    assert all(0.0 <= v <= 100.0 for v in results.values())
+    assert all(0.0 <= v <= 100.0 for r in results.values() for v in r.values())
     assert os.path.isfile(out / "pretrain" / "checkpoint_0000.pth.tar")
     assert os.path.isfile(out / "linear-moco" / "model_best.pth.tar")
+    # the speed measurement leaves its log, not its checkpoint
+    assert sorted(os.listdir(out / "speed")) == ["data", "log.jsonl"]
     printed = capsys.readouterr().out
     assert "random init" in printed and "MoCo" in printed and "kNN acc@1" in printed
     assert "the generated shapes dataset instead" in printed
+    # the pretraining is sized to the speed measured, and says so
+    assert "=> pretraining speed " in printed and "left for pretraining" in printed
+    assert "MoCo: pretrained on 64 images, 1 epoch(s), 4 steps of 16" in printed
     # each step's command is printed in a form that runs
-    assert "$ python main_knn.py " in printed and "$ python main_moco.py " in printed
-    assert "$ python main_lincls.py " in printed
-    for v in results.values():  # the table shows the figures of this run
-        assert f"{v:.1f}" in printed
+    assert "$ python main_moco.py " in printed
+    assert (
+        "$ python main_lincls.py " in printed and " --cached-features --knn " in printed
+    )
+    for r in results.values():  # the table shows the figures of this run
+        assert all(f"{v:.1f}" in printed for v in r.values())
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert plot is None and "pip install matplotlib" in printed
     else:
         assert plot == os.path.join(out, "curves.png") and os.path.isfile(plot)
+
+
+def test_the_pretraining_plan_fits_the_time_left():
+    plan = demo.plan_pretraining
+    # 10 images/s for 300 s: one epoch over 3000 images
+    assert plan(10.0, 300, 10, 5000, 128, 20) == (300, 1)
+    # all 50000 images fit 6 times: 6 epochs over all of them; at most max_epochs
+    assert plan(1000.0, 300, 10, 5000, 128, 20) == (5000, 6)
+    assert plan(1e6, 300, 10, 5000, 128, 20) == (5000, 20)
+    # no time left: still one full batch (13 of each of 10 classes for 128)
+    assert plan(10.0, -5, 10, 5000, 128, 20) == (13, 1)
+
+
+def test_demo_refuses_bad_sizes_in_one_line(tmp_path):
+    for argv, message in (
+        (["--budget", "0"], "--budget must be positive"),
+        (["--epochs", "-1"], "--epochs must be positive"),
+        (["-j", "-1"], "-j/--workers must be zero or positive"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            demo.main(demo_args(tmp_path / "out", *argv))
+    assert not os.path.exists(tmp_path / "out")
 
 
 # --- where the demo finds CIFAR-10 ------------------------------------------------------
@@ -174,8 +203,10 @@ def test_demo_takes_a_class_balanced_subset_of_cifar(tmp_path, capsys):
         tmp_path / "out", "--data", str(folder), "--cache-dir", str(tmp_path)
     )
     config = replace(demo.QUICK, train_per_class=2, val_per_class=1)
-    name, classes = demo.prepare_data(args, config, str(tmp_path / "d"))
+    name, classes, pool = demo.prepare_data(args, config, str(tmp_path / "d"))
     assert (name, classes) == ("CIFAR-10", ["cat", "dog"])
+    # pretraining may take from all of CIFAR-10's training images
+    assert pool == os.path.join(folder, "train")
     for split, n in (("train", 2), ("val", 1)):
         for c in classes:
             files = sorted(os.listdir(tmp_path / "d" / split / c))
@@ -187,8 +218,9 @@ def test_demo_without_cifar_says_so_and_draws_shapes(tmp_path, capsys):
     setup_logging()
     args = demo_args(tmp_path / "out", "--cache-dir", str(tmp_path), "--no-download")
     config = replace(demo.QUICK, train_per_class=1, val_per_class=1)
-    name, classes = demo.prepare_data(args, config, str(tmp_path / "d"))
+    name, classes, pool = demo.prepare_data(args, config, str(tmp_path / "d"))
     assert name == "shapes" and classes == list(shapes.CLASSES)
+    assert pool == str(tmp_path / "d" / "train")
     out = capsys.readouterr().out
     assert "CIFAR-10 not used (no --data and no cached copy in" in out
 

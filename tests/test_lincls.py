@@ -70,7 +70,8 @@ def records(out):
 
 def test_defaults_are_the_originals():
     args = main_lincls.get_args_parser().parse_args(["DIR"])
-    assert (args.arch, args.workers, args.epochs, args.batch_size, args.lr) == (
+    lr = main_lincls.learning_rate(args)
+    assert (args.arch, args.workers, args.epochs, args.batch_size, lr) == (
         "resnet50",
         32,
         100,
@@ -88,6 +89,18 @@ def test_defaults_are_the_originals():
         224,
         "tcp://224.66.41.62:23456",
     )
+
+
+def test_the_default_learning_rate_is_the_protocols_and_a_given_one_is_kept():
+    parse = main_lincls.get_args_parser().parse_args
+    assert main_lincls.learning_rate(parse(["--cached-features", "DIR"])) == 0.01
+    assert main_lincls.learning_rate(parse(["--lr", "3", "DIR"])) == 3.0
+    assert (
+        main_lincls.learning_rate(parse(["--cached-features", "--lr", "3", "DIR"]))
+        == 3.0
+    )
+    help_text = " ".join(main_lincls.get_args_parser().format_help().split())
+    assert "(default: 30.0, the original's; 0.01 with --cached-features)" in help_text
 
 
 def test_linear_probe_trains_only_fc_and_writes_the_originals_checkpoints(
