@@ -71,6 +71,8 @@ class Config:
     budget_s: float
     # pretraining epochs at most, when all training images fit in the budget
     max_epochs: int
+    # pretraining images of each class at most (CIFAR-10 has 5,000)
+    max_per_class: int = 5000
     # epochs of the linear probe on the cached features
     probe_epochs: int = 100
     # steps of the speed measurement; the first, slower one is not counted
@@ -100,8 +102,10 @@ QUICK = Config(
     batch_size=16,
     lr=0.06,
     moco_k=64,
-    budget_s=60,
+    # its sizes, not the budget, bound it: one epoch over 8 images of each class
+    budget_s=300,
     max_epochs=1,
+    max_per_class=8,
     probe_epochs=2,
     speed_steps=2,
 )
@@ -393,7 +397,7 @@ def run_demo(args, config=None):
             speed * SPEED_MARGIN,
             seconds,
             len(classes),
-            len(os.listdir(os.path.join(pool, classes[0]))),
+            min(len(os.listdir(os.path.join(pool, classes[0]))), config.max_per_class),
             config.batch_size,
             config.max_epochs,
         )
