@@ -147,8 +147,10 @@ def test_dry_run_reports_the_input_pipeline_of_both_recipes(dry_run):
 def test_dry_run_trains_the_cifar_recipe_an_epoch_then_stops_it_with_sigterm(dry_run):
     _, report, _ = dry_run
     cifar = rows(report, "cifar")
-    # stopped by the signal within the epoch after the first kNN figure
-    assert section(report, "cifar")["note"].startswith("1 epoch(s) with kNN")
+    # stopped by the signal after at least one epoch's kNN figure (more on a fast CPU)
+    epochs = re.match(r"(\d+) epoch\(s\) with kNN", section(report, "cifar")["note"])
+    assert epochs and int(epochs.group(1)) >= 1
+    assert all(f"epoch {e}" in cifar for e in range(1, int(epochs.group(1)) + 1))
     first = cifar["epoch 1"]["figures"]
     assert 0 <= first["knn_acc1"] <= 100 and first["loss"] > 0
     assert first["published_knn_acc1"] == 31.98 and first["published_loss"] == 6.9569
