@@ -2,14 +2,15 @@
 torchrun with NCCL, and a GPU checkpoint read on the CPU.
 
 Every test is marked `cuda` and runs on the device of the `device` fixture: the GPU
-when there is one, else it is skipped. With MOCO_TEST_DEVICE=cpu the same tests run
-on the CPU at toy size (tests/test_gpu_check.py does this, so they cannot rot), where
-the options that need CUDA become their CPU equivalents (see `on`) and bfloat16 runs
-only where the CPU has it natively (`native_bfloat16`): elsewhere it is emulated, and
-one step takes seconds instead of milliseconds.
+when there is one, else the CPU at toy size (the CPU fall-back, so that these tests run
+in every `make test` and cannot rot), where the options that need CUDA become their CPU
+equivalents (see `on`) and bfloat16 runs only where the CPU has it natively
+(`native_bfloat16`): elsewhere it is emulated, and one step takes seconds instead of
+milliseconds. MOCO_TEST_DEVICE=cuda makes a missing GPU an error (the GPU check sets
+it); MOCO_TEST_DEVICE=cpu asks for the fall-back where no GPU is visible.
 
-    pytest -m cuda -q                         # on a machine with a GPU
-    MOCO_TEST_DEVICE=cpu pytest -m cuda -q    # the CPU fall-back
+    pytest -m cuda -q                         # on the GPU, or the CPU fall-back
+    MOCO_TEST_DEVICE=cuda pytest -m cuda -q   # on the GPU, or fail
 """
 
 import copy
@@ -50,26 +51,22 @@ CPU_INPUT_SIZE = 16
 
 def device_under_test():
     """
-    CUDA when there is a GPU, else skip; the CPU with MOCO_TEST_DEVICE=cpu; with
-    MOCO_TEST_DEVICE=cuda a missing GPU is an error, not a skip.
+    CUDA when there is a GPU, else the CPU; with MOCO_TEST_DEVICE=cuda a missing GPU
+    is an error; with MOCO_TEST_DEVICE=cpu and a GPU visible, a skip.
     """
     wanted = os.environ.get("MOCO_TEST_DEVICE", "")
     if wanted not in ("", "cpu", "cuda"):
         raise ValueError(f"MOCO_TEST_DEVICE must be cpu or cuda, got {wanted!r}")
-    if wanted == "cpu":
-        if torch.cuda.is_available():
+    if torch.cuda.is_available():
+        if wanted == "cpu":
             pytest.skip(
                 "MOCO_TEST_DEVICE=cpu but a GPU is visible (main_moco.py would use "
                 "it): hide it with CUDA_VISIBLE_DEVICES="
             )
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        if wanted == "cuda":
-            pytest.fail("MOCO_TEST_DEVICE=cuda, but torch sees no CUDA GPU")
-        pytest.skip(
-            "no CUDA GPU (MOCO_TEST_DEVICE=cpu runs these at toy size on the CPU)"
-        )
-    return torch.device("cuda", 0)
+        return torch.device("cuda", 0)
+    if wanted == "cuda":
+        pytest.fail("MOCO_TEST_DEVICE=cuda, but torch sees no CUDA GPU")
+    return torch.device("cpu")
 
 
 @pytest.fixture(scope="module")

@@ -101,6 +101,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     # the pretraining is sized to the speed measured, and says so
     assert "=> pretraining speed " in printed and "left for pretraining" in printed
     assert "MoCo: pretrained on 64 images, 1 epoch(s), 4 steps of 16" in printed
+    assert "contrastive loss: " in printed and "ln(K+1) = 4.17 at chance" in printed
     # each step's command is printed in a form that runs
     assert "$ python main_moco.py " in printed
     assert (
@@ -114,6 +115,16 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
         assert plot is None and "pip install matplotlib" in printed
     else:
         assert plot == os.path.join(out, "curves.png") and os.path.isfile(plot)
+
+
+def test_the_loss_line_compares_the_end_with_chance_and_the_quarter_before():
+    falling = demo.loss_summary([6.0, 6.5, 6.0, 5.8, 5.6, 5.5, 5.2, 5.0], 1024)
+    assert falling.startswith("contrastive loss: 6.00 at the first logged step, 5.10")
+    assert "ln(K+1) = 6.93 at chance; falling at the end" in falling
+    assert "quarter's before it, 5.55)" in falling
+    rising = demo.loss_summary([1.0, 5.0, 5.2, 5.4, 5.5, 5.6], 1024)
+    assert "not falling at the end" in rising
+    assert "1 step(s) logged" in demo.loss_summary([3.0], 64)
 
 
 def test_the_pretraining_plan_fits_the_time_left():
@@ -231,8 +242,23 @@ SHARED = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")
 @pytest.mark.skipif(
     not os.path.isfile(SHARED), reason=f"no CIFAR-10 tarball at {SHARED}"
 )
-def test_the_shared_cifar10_tarball_is_read_as_an_image_folder(tmp_path):
-    root, _ = find_cifar10(SHARED, str(tmp_path))
-    classes, n_train = check_image_folder(os.path.join(root, "train"))
-    assert len(classes) == 10 and "airplane" in classes and n_train == 50000
-    assert check_val_folder(root) == 10000
+def test_the_shared_cifar10_tarball_holds_the_image_folder_the_demo_reads():
+    # its members, streamed: what unpack() (tested above on a small tarball) writes
+    # and image_folder_root() then finds, without writing 60,000 files
+    files, first = {}, {}
+    with tarfile.open(SHARED, "r|gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile():
+                assert len(parts) == 4 and parts[0] == "cifar10", member.name
+                key = (parts[1], parts[2])
+                files[key] = files.get(key, 0) + 1
+                if key not in first:  # one image of each class and split decodes
+                    with tar.extractfile(member) as f:
+                        first[key] = Image.open(f).convert("RGB").size
+    classes = sorted({c for _, c in files})
+    assert len(classes) == 10 and "airplane" in classes
+    assert {s for s, _ in files} == {"train", "val"}
+    for c in classes:
+        assert (files[("train", c)], files[("val", c)]) == (5000, 1000), c
+    assert set(first.values()) == {(32, 32)}

@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 
@@ -359,7 +360,7 @@ def test_failed_write_leaves_no_partial_file(r18, tmp_path, monkeypatch):
 
 
 def test_original_command_line_works_inside_detection_and_errors_in_one_line(
-    r18, tmp_path
+    r18, tmp_path, monkeypatch, capsys
 ):
     out = tmp_path / "output.pkl"
     cmd = [sys.executable, "convert-pretrain-to-detectron2.py", str(r18[0]), str(out)]
@@ -368,11 +369,15 @@ def test_original_command_line_works_inside_detection_and_errors_in_one_line(
     assert f"wrote {str(out)!r} (detectron2): 100 tensors" in done.stdout
     assert set(read_pickle(out)["model"]) == set(detectron2_resnet_names(18))
 
-    cmd = [sys.executable, CONVERTER, str(r18[0]), str(out)]  # again, from the root
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
-    assert "--force" in done.stderr
+    # again, from the root: the script run as __main__ in this process
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", [CONVERTER, str(r18[0]), str(out)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(CONVERTER, run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert e.value.code == 2
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1
+    assert "--force" in stderr
 
 
 @pytest.mark.skipif(

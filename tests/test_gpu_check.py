@@ -1,7 +1,7 @@
 """tests/gpu/gpu_check.sh --dry-run: the one-shot GPU check runs end to end at toy size
 on the CPU, so that the short GPU session it is written for finds nothing broken. Its
-pytest section runs every test marked cuda on the CPU fall-back (MOCO_TEST_DEVICE=cpu),
-so each of them runs somewhere in the normal suite too.
+pytest section runs a few of the tests marked cuda here (--pytest-k DRY_RUN_TESTS): the
+others run on their CPU fall-back in the normal suite already (tests/test_cuda.py).
 
 A section that stops at its limit on a slow machine is reported as `timeout`; the tests
 of that section are then skipped, not failed (tests/gpu/check.py --time-scale gives a
@@ -15,11 +15,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import PYTHON, REPO
 
 sys.path.insert(0, os.path.join(REPO, "tests", "gpu"))
 import check  # noqa: E402
+import gpu_check_plugin  # noqa: E402
 import parse  # noqa: E402
 import sections  # noqa: E402
 
@@ -27,6 +27,8 @@ SECTIONS = ["setup", "info", "pytest", "step", "loader", "cifar"]
 ENTRY = os.path.join(REPO, "tests", "gpu", "gpu_check.sh")
 CIFAR = os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz")
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
+# the cuda tests the dry run's pytest section runs: two quick ones
+DRY_RUN_TESTS = "nvjpeg or logits_and_queue"
 
 
 def run_check(tmp, *argv, timeout=600):
@@ -49,6 +51,7 @@ def dry_run(tmp_path_factory):
     this machine keeps one, else generated images."""
     tmp = tmp_path_factory.mktemp("gpu_check")
     argv = ["--dry-run", "--venv", tmp / "venv", "--base-python", PYTHON]
+    argv += ["--pytest-k", DRY_RUN_TESTS]
     if os.path.exists(CIFAR):
         argv += ["--cifar", CIFAR]
     r = run_check(tmp, *argv)
@@ -98,29 +101,49 @@ def test_set_up_makes_a_venv_that_sees_the_torch_of_the_python_it_came_from(dry_
     assert report["python"] == str(tmp / "venv" / "bin" / "python")
 
 
-def test_every_cuda_test_passes_on_the_cpu_fall_back_the_compiled_ones_last(dry_run):
+def test_the_pytest_section_runs_every_cuda_test_unless_told_otherwise():
+    cmd = sections.pytest_command("python", None, "")
+    assert cmd[:6] == ["python", "-m", "pytest", "tests", "-m", "cuda"]
+    assert "-k" not in cmd and "--timeout" not in cmd
+    cmd = sections.pytest_command("python", 90, "nvjpeg")
+    assert cmd[-4:] == ["--timeout", "90", "-k", "nvjpeg"]
+
+
+def test_the_pytest_section_runs_the_compiled_tests_last_in_their_order():
+    class Item:
+        def __init__(self, name):
+            self.name = name
+
+    names = ["test_a", "test_compiled_x", "test_b[1]", "test_compile_y", "test_c"]
+    items = [Item(n) for n in names]
+    gpu_check_plugin.pytest_collection_modifyitems(items)
+    assert [i.name for i in items] == [
+        "test_a",
+        "test_b[1]",
+        "test_c",
+        "test_compiled_x",
+        "test_compile_y",
+    ]
+
+
+def test_the_pytest_section_reports_each_test_it_ran(dry_run):
     _, report, _ = dry_run
     tests = [s for s in report["sections"] if s["name"] == "pytest"][0]["rows"]
-    # float16 is bfloat16 on the CPU; bfloat16 runs where oneDNN has kernels for it
-    allowed, may_skip = {"float16 needs a GPU; on the CPU it would repeat the"}, set()
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        allowed.add("oneDNN has no bfloat16 kernels for this CPU: emulated")
-        may_skip.add(
-            "test_amp_resume_is_bit_identical_and_restores_the_gradient_scaler"
-        )
+    # float16 is bfloat16 on the CPU: that case is skipped
     for t in tests:
-        if t["figures"]["file"] == "tests/test_cuda.py":
-            reason = t["value"]
-            assert t["status"] == "passed" or any(map(reason.startswith, allowed)), t
-        else:  # marked cuda in another file: it may need a real GPU
-            assert t["status"] in ("passed", "skipped"), t
+        if "float16]" in t["item"] and "bfloat16" not in t["item"]:
+            assert t["status"] == "skipped", t
+            assert t["value"].startswith("float16 needs a GPU; on the CPU it would")
+        else:
+            assert t["status"] == "passed", t
+            assert t["seconds"] is not None and t["seconds"] >= 0
     section(report, "pytest")  # skipped from here if it stopped at its limit
-    source = open(os.path.join(REPO, "tests", "test_cuda.py")).read()
-    names = set(re.findall(r"^def (test_\w+)", source, re.M))
-    ran = {t["item"].split("[")[0] for t in tests if t["status"] == "passed"}
-    assert names and names - ran <= may_skip
-    compiled = ["compile" in t["item"] for t in tests]
-    assert any(compiled) and compiled == sorted(compiled)  # the compiled ones last
+    ran = {t["item"].split("[")[0] for t in tests}
+    assert ran == {
+        "test_cuda_decodes_with_nvjpeg_and_stays_close_to_the_cpu",
+        "test_logits_and_queue_stay_float32_under_autocast",
+    }
+    assert "2 passed, 1 skipped" in section(report, "pytest")["note"]
 
 
 def test_dry_run_reports_images_per_second_of_both_step_variants(dry_run):

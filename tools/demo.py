@@ -432,6 +432,9 @@ def run_demo(args, config=None):
         "steps": steps * epochs,
         "seconds": time.time() - began,
     }
+    pretraining["loss"] = loss_summary(
+        [r["loss"] for r in records(demo.path("pretrain"), "step")], config.moco_k
+    )
     pretrained = demo.path("pretrain", f"checkpoint_{epochs - 1:04d}.pth.tar")
     results["moco"] = demo.evaluate(
         "kNN and linear probe of the MoCo encoder", "linear-moco", pretrained
@@ -448,6 +451,25 @@ def run_demo(args, config=None):
         logger.info(f"=> plot of the run: {plot}")
     logger.info(f"=> total time {time.time() - start:.0f} s")
     return results, plot
+
+
+def loss_summary(losses, moco_k):
+    """
+    A line on the logged step losses: where they end against chance, ln(K + 1), and
+    whether the last quarter of them falls below the quarter before it.
+    """
+    chance = math.log(moco_k + 1)
+    if len(losses) < 4:
+        return f"contrastive loss: {len(losses)} step(s) logged, chance {chance:.2f}"
+    q = len(losses) // 4
+    before, last = losses[-2 * q : -q], losses[-q:]
+    trend = "falling" if sum(last) / q < sum(before) / q else "not falling"
+    return (
+        f"contrastive loss: {losses[0]:.2f} at the first logged step, "
+        f"{sum(last) / q:.2f} over the last {q} logged steps, against "
+        f"ln(K+1) = {chance:.2f} at chance; {trend} at the end (the last quarter's "
+        f"mean against the quarter's before it, {sum(before) / q:.2f})"
+    )
 
 
 def save_plot(pretrain_dir, out, references):
@@ -485,7 +507,7 @@ def format_table(results, name, n_train, n_val, config, pretraining):
         f"{p['steps']} steps of {config.batch_size}, K {config.moco_k}, "
         f"{p['seconds']:.0f} s"
     )
-    return "\n".join([title, *lines, run])
+    return "\n".join([title, *lines, run, p["loss"]])
 
 
 def main(args):

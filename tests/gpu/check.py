@@ -29,7 +29,8 @@ section asked for passed, 1 otherwise, 2 for bad arguments.
 
 --dry-run: the CPU, resnet18 at 16 px, a few images, a CIFAR-10 subset of 50 + 20
 images (or generated ones), one epoch; the cuda tests on their CPU fall-back
-(MOCO_TEST_DEVICE=cpu). tests/test_gpu_check.py runs it. Only the standard library is
+(MOCO_TEST_DEVICE=cpu). tests/test_gpu_check.py runs it (with --pytest-k: the normal
+suite runs every cuda test on the CPU where there is no GPU). Only the standard library is
 imported here: this runs before .venv exists.
 """
 
