@@ -254,7 +254,8 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    n_images = len(pretrain_images(args.data, args.train_list).paths)
+    images = pretrain_images(args.data, args.train_list)
+    n_images = len(images.paths)
     settings = launch_settings(args)
     world_size = settings.total_processes()
     per_proc = args.batch_size // settings.processes_per_node()
@@ -263,10 +264,11 @@ def main(args):
             f"{n_images} training images give no full batch of {per_proc} per process "
             f"({world_size} processes); use a smaller -b or more images"
         )
-    return launch(main_worker, settings, args)
+    # the images found here go to every process of this node: listed once
+    return launch(main_worker, settings, args, images)
 
 
-def main_worker(local_rank, procs_per_node, args):
+def main_worker(local_rank, procs_per_node, args, images=None):
     env = init_distributed(local_rank, procs_per_node, launch_settings(args))
     batch_size, workers = env.per_process(args.batch_size, args.workers)
     seed_everything(args.seed)
@@ -308,7 +310,7 @@ def main_worker(local_rank, procs_per_node, args):
 
     # Data loading code
     train_loader, augment = create_loader(
-        args, checkpointer.data_seed, env, batch_size, workers
+        args, checkpointer.data_seed, env, batch_size, workers, images
     )
 
     log = JsonLogger(
@@ -395,11 +397,12 @@ def create_model(args, device):
     return model
 
 
-def create_loader(args, data_seed, env, batch_size, workers):
+def create_loader(args, data_seed, env, batch_size, workers, images=None):
     """
-    Pairs of crops of DIR/train, this process's share, in a resumable order, and None;
-    with --aug-impl batched, the files' bytes and the crops' random draws, and the
-    BatchAugment that makes the crops from them on the device.
+    Pairs of crops of DIR/train (`images`, else listed here), this process's share, in
+    a resumable order, and None; with --aug-impl batched, the files' bytes and the
+    crops' random draws, and the BatchAugment that makes the crops from them on the
+    device.
     """
     batched = args.aug_impl == "batched"
     if batched:
@@ -416,7 +419,7 @@ def create_loader(args, data_seed, env, batch_size, workers):
             recipe(args), args.input_size, args.aug_impl, args.normalize
         )
         augment = None
-    images = pretrain_images(args.data, args.train_list)
+    images = images or pretrain_images(args.data, args.train_list)
     logger.info(f"=> {images.layout}")
     train_dataset = images.dataset(
         transform,

@@ -94,7 +94,9 @@ def test_startup_summary_prints_derived_values(image_folder, tmp_path, capsys):
     assert "--moco-k 64 with 24 training images: the queue holds" in out
 
 
-def test_pretrains_on_unlabeled_images_at_any_depth(tmp_path, capsys):
+def test_pretrains_on_unlabeled_images_at_any_depth(tmp_path, capsys, monkeypatch):
+    import main_moco
+
     # no DIR/train, no class folders: images two levels down, and at the top
     flat = tmp_path / "photos"
     make_image_folder(tmp_path / "src", splits=("train",))
@@ -102,7 +104,13 @@ def test_pretrains_on_unlabeled_images_at_any_depth(tmp_path, capsys):
         target = flat / ("" if i % 2 else f"day{i % 3}/roll") / f"{i}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
+    listed = []
+    real = main_moco.pretrain_images
+    monkeypatch.setattr(
+        main_moco, "pretrain_images", lambda *a: listed.append(a) or real(*a)
+    )
     run_moco(flat, tmp_path / "out")
+    assert len(listed) == 1  # the folder is walked once, not again by the process
     out = capsys.readouterr().out
     assert f"no {flat}/train: training on the 24 images under {flat}" in out
     assert load(tmp_path / "out" / "checkpoint_0000.pth.tar")["epoch"] == 1

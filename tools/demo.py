@@ -16,7 +16,8 @@
    8-way split BatchNorm, its augmentation, m, T, weight decay, cosine schedule) with a
    smaller batch and queue;
 5. evaluates the pretrained encoder as in 2, on the same images;
-6. prints the table and plots the run to OUTPUT/curves.png (needs matplotlib).
+6. prints the table and a line on the loss (against chance, ln(K+1), and its trend at
+   the end), and plots the run to OUTPUT/curves.png (needs matplotlib).
 
 Nothing here trains or evaluates by itself: every figure comes from the project's
 programs, called in-process with the arguments printed before each step.
