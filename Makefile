@@ -16,10 +16,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt $(PINS)
 	touch $@
 
-# the type check, then the tests; the 10 slowest are listed after every run
+# the type check, then the tests in TEST_WORKERS processes (pytest-xdist; each test
+# file stays in one of them, in its order); the 10 slowest are listed after every run
+TEST_WORKERS ?= 2
+
 test: venv
 	$(PY) -m mypy
-	$(PY) -m pytest -q tests --durations=10
+	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 # CIFAR-10 for the demo where this machine keeps it; else the demo looks in its cache,
 # then downloads it, then falls back to generated shapes (make demo DEMO_DATA=PATH)

@@ -1,4 +1,5 @@
 import os
+import random
 import socket
 
 import numpy as np
@@ -31,10 +32,25 @@ def image_folder(tmp_path):
     return make_image_folder(tmp_path / "data")
 
 
+# each pytest-xdist worker draws its ports from its own block, below the range the
+# kernel hands out for port 0 and outgoing connections (usually 32768-60999), so that
+# no other test, worker or gloo connection can be given the same port meanwhile
+PORT_BLOCK = 1000
+PORT_BASE = 20000
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that nothing listens on, from this worker's block."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    first = PORT_BASE + PORT_BLOCK * (int(worker.removeprefix("gw") or 0) % 12)
+    for port in random.Random().sample(range(first, first + PORT_BLOCK), 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + PORT_BLOCK - 1}")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

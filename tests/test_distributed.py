@@ -210,3 +210,19 @@ def test_each_process_takes_its_own_gpu_or_the_only_one_it_sees(
 def test_a_process_that_sees_neither_its_gpu_nor_one_gpu_is_refused():
     with pytest.raises(UsageError, match="sees 2 GPUs"):
         local_gpu(3, 2)
+
+
+def test_each_test_worker_draws_its_ports_from_its_own_block(monkeypatch):
+    """Two pytest-xdist workers never pick the same port, nor one the kernel hands out."""
+    blocks = {}
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        blocks[worker] = {free_port() for _ in range(20)}
+    assert all(20000 <= p < 21000 for p in blocks["gw0"]), blocks
+    assert all(21000 <= p < 22000 for p in blocks["gw1"]), blocks
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert 20000 <= free_port() < 21000  # plain pytest: the first block
+    ranges = "/proc/sys/net/ipv4/ip_local_port_range"
+    if os.path.exists(ranges):
+        with open(ranges) as f:
+            assert max(blocks["gw1"]) < int(f.read().split()[0])
