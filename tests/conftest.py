@@ -35,14 +35,14 @@ def image_folder(tmp_path):
 # each pytest-xdist worker draws its ports from its own block, below the range the
 # kernel hands out for port 0 and outgoing connections (usually 32768-60999), so that
 # no other test, worker or gloo connection can be given the same port meanwhile
-PORT_BLOCK = 1000
-PORT_BASE = 20000
+PORT_BASE, PORT_BLOCK = 20000, 1000
+PORT_BLOCKS = (32768 - PORT_BASE) // PORT_BLOCK  # 12 workers' blocks, then reused
 
 
 def free_port():
     """A port on 127.0.0.1 that nothing listens on, from this worker's block."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    first = PORT_BASE + PORT_BLOCK * (int(worker.removeprefix("gw") or 0) % 12)
+    first = PORT_BASE + PORT_BLOCK * (int(worker.removeprefix("gw")) % PORT_BLOCKS)
     for port in random.Random().sample(range(first, first + PORT_BLOCK), 50):
         with socket.socket() as s:
             try:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
+from conftest import PORT_BASE, PORT_BLOCK, free_port
 from original import OriginalMoCo, original_logits
 from test_builder import images, make_moco
 
@@ -218,10 +218,11 @@ def test_each_test_worker_draws_its_ports_from_its_own_block(monkeypatch):
     for worker in ("gw0", "gw1"):
         monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
         blocks[worker] = {free_port() for _ in range(20)}
-    assert all(20000 <= p < 21000 for p in blocks["gw0"]), blocks
-    assert all(21000 <= p < 22000 for p in blocks["gw1"]), blocks
+    first, second = PORT_BASE, PORT_BASE + PORT_BLOCK
+    assert all(first <= p < second for p in blocks["gw0"]), blocks
+    assert all(second <= p < second + PORT_BLOCK for p in blocks["gw1"]), blocks
     monkeypatch.delenv("PYTEST_XDIST_WORKER")
-    assert 20000 <= free_port() < 21000  # plain pytest: the first block
+    assert first <= free_port() < second  # plain pytest: the first block
     ranges = "/proc/sys/net/ipv4/ip_local_port_range"
     if os.path.exists(ranges):
         with open(ranges) as f:
