@@ -16,6 +16,7 @@ import main_knn
 import main_lincls
 from moco import probe
 from moco.distributed import DistEnv
+from moco.features import Features
 from moco.loader import eval_transforms
 from moco.models import build_encoder
 from moco.utils import UsageError, adjust_learning_rate
@@ -118,7 +119,7 @@ def test_probe_training_is_plain_sgd_over_seeded_batches():
     losses = []
     for epoch in range(3):
         adjust_learning_rate(optimizer, epoch, 0.5, 3, [2])
-        stats = probe.train_epoch(fc, optimizer, probe.Features(x, y), 10, generator)
+        stats = probe.train_epoch(fc, optimizer, Features(x, y), 10, generator)
         losses.append(stats["loss"])
     expected = plain_sgd(reference, x, y, 3, 10, 3, 0.5, [2], 1e-4)
     # the same batches (the last one of 7) and updates: identical weights
