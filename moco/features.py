@@ -50,9 +50,9 @@ def share_loader(
     dataset: Dataset, env: DistEnv, batch_size: int, workers: int
 ) -> DataLoader:
     """This process's contiguous share of `dataset`, in order."""
-    share = Subset(dataset, shard_range(len(dataset), env.rank, env.world_size))  # type: ignore[arg-type]
+    rows = shard_range(len(dataset), env.rank, env.world_size)  # type: ignore[arg-type]
     return DataLoader(
-        share,
+        Subset(dataset, rows),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from moco.data import SeededImageFolder
 from moco.distributed import DistEnv, get_world_size, shard_range
@@ -62,11 +61,11 @@ def extract_splits(
     Collective: call it on every process; each gets all features of both sets.
     """
     model = backbone(encoder).to(env.device)
-    train_set: Dataset = SeededImageFolder(
+    train_set = SeededImageFolder(
         os.path.join(data_dir, "train"), transform, skip_bad=skip_bad
     )
     # every validation image counts: an unreadable one is an error, not skipped
-    val_set: Dataset = SeededImageFolder(os.path.join(data_dir, "val"), transform)
+    val_set = SeededImageFolder(os.path.join(data_dir, "val"), transform)
     train = extract(model, train_set, env, batch_size, workers)
     val = extract(model, val_set, env, batch_size, workers)
     return train, val
