@@ -307,6 +307,54 @@ def test_the_probe_trains_on_the_features_without_copying_them():
     assert counter.peak < n * dim * 4 / 10
 
 
+class HostToDevice(TorchDispatchMode):
+    """
+    Counts the copies from the host to the device, `blocking` and not (the meta
+    device stands in for a GPU: a blocking copy to a GPU waits for it). A copy back
+    to the host gives zeros: meta tensors hold no values.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.blocking = self.non_blocking = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            source, target = args[0].device, kwargs.get("device", args[0].device)
+            if (source.type, target.type) == ("cpu", "meta"):
+                if kwargs.get("non_blocking", False):
+                    self.non_blocking += 1
+                else:
+                    self.blocking += 1
+            if (source.type, target.type) == ("meta", "cpu"):
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype"))
+        return func(*args, **kwargs)
+
+
+def test_extraction_copies_the_labels_to_the_device_once():
+    dataset = TensorDataset(torch.randn(20, 3, 2, 2), torch.randint(0, 4, (20,)))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8)).to("meta")
+    env = DistEnv(device=torch.device("meta"))
+    with HostToDevice() as copies:
+        got = extract(model, dataset, env, batch_size=4, workers=0, normalize=True)
+    assert got.x.shape == (20, 8) and got.y.device.type == "meta"
+    # each of the 5 batches' images without waiting, the labels once at the end
+    assert (copies.non_blocking, copies.blocking) == (5, 1)
+
+
+def test_an_epoch_of_the_probe_copies_its_order_to_the_device_once():
+    train = Features(
+        torch.randn(50, 8, device="meta"), torch.zeros(50, dtype=torch.long).to("meta")
+    )
+    fc = nn.Linear(8, 4).to("meta")
+    optimizer = torch.optim.SGD(fc.parameters(), 0.1, momentum=0.9)
+    with HostToDevice() as copies:
+        probe.train_epoch(fc, optimizer, train, 8, torch.Generator().manual_seed(0))
+    # the shuffled order of 7 mini-batches, drawn on the host: one copy
+    assert copies.blocking == 1
+
+
 def _two_processes(rank, port, data, path, out):
     torch.set_num_threads(1)
     dist.init_process_group(
