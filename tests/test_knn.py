@@ -108,7 +108,7 @@ def test_ties_go_to_the_lower_bank_index_and_class():
     assert knn.knn_predict(query, bank, labels, 3, k=2, t=0.1)[0].tolist() == [0, 1, 2]
 
 
-def test_extract_features_are_normalised_backbone_outputs():
+def test_extracted_features_are_normalised_backbone_outputs():
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", num_classes=16, small_stem=True)
     images, labels = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
