@@ -310,16 +310,19 @@ def adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     hue_chroma, sat_p, w, (at_v, at_p, at_third) = hue_tables(x.device)
     n, _, height, width = x.shape
     shift = torch.remainder(torch.trunc(hue.double() * 255), 256).to(torch.int32)
-    r, g, b = x.to(torch.int32).flatten(2).unbind(1)  # [n, H * W] each
+    planes = x.to(torch.int32, memory_format=torch.contiguous_format)
+    r, g, b = planes.view(n, 3, -1).unbind(1)  # [n, H * W] each
     v = torch.maximum(torch.maximum(r, g), b)
-    hc = _look_up(hue_chroma, b + 511 * g - 512 * r + 255 * 512)  # hue | chroma << 8
-    sp = _look_up(sat_p, (hc & 0xFF00) + v)  # saturation | p << 8
-    h = ((hc & 255) + shift.view(n, 1)) & 255
+    key = torch.add(b, g, alpha=511).sub_(r, alpha=512).add_(255 * 512)  # g - r, b - r
+    hc = _look_up(hue_chroma, key)  # hue | chroma << 8
+    sp = _look_up(sat_p, (hc & 0xFF00).add_(v))  # saturation | p << 8
+    h = hc.bitwise_and_(255).add_(shift.view(n, 1)).bitwise_and_(255)
+    third = _look_up(w, (sp & 255).add_(h, alpha=256)).mul_(v)
     # round half away from zero; no v * w lies on .5 (all 2**24 checked)
-    third = (_look_up(w, (sp & 255) + 256 * h) * v + 0.5).to(torch.int32)
-    rgb = v << _look_up(at_v, h)
-    rgb |= (sp >> 8) << _look_up(at_p, h)
-    rgb |= third << _look_up(at_third, h)
+    third = third.add_(0.5).to(torch.int32)
+    rgb = v.bitwise_left_shift_(_look_up(at_v, h))
+    rgb.bitwise_or_(sp.bitwise_right_shift_(8).bitwise_left_shift_(_look_up(at_p, h)))
+    rgb.bitwise_or_(third.bitwise_left_shift_(_look_up(at_third, h)))
     # r | g << 8 | b << 16 read as bytes, little-endian as every platform torch runs on
     rgb = rgb.view(torch.uint8).view(n, height, width, 4)[..., :3]
     return rgb.permute(0, 3, 1, 2).to(x.dtype)
@@ -442,7 +445,7 @@ def box_blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
             padded = F.pad(x, pad, mode="replicate")
             x = weights[0] * padded.narrow(dim, 0, n)
             for k in range(1, len(weights)):
-                x += weights[k] * padded.narrow(dim, k, n)
+                x.addcmul_(padded.narrow(dim, k, n), weights[k])
     return x
 
 
