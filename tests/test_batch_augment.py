@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 from torchvision.io import decode_jpeg
 
 import moco.augment
+import moco.batch_augment
 import tests.test_loader as loader_tests
 from moco.augment import ADJUSTMENTS, RandomResizedCrop, rgb_to_grayscale
 from moco.batch_augment import BatchAugment, ReadAndSample, collate
@@ -345,6 +346,44 @@ def test_decoding_leaves_alone_memory_that_queued_kernels_still_read(tmp_path):
         augment.decode(batch, device)
         wrong += sum(int(total) != k * 3 * 120 * 160 for k, total in enumerate(sums))
     assert wrong == 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_batch_makes_the_host_wait_once_for_the_decoder(
+    tmp_path, monkeypatch, recipe
+):
+    from syncs import SyncCounter
+
+    # JPEGs, decoded together, and a PNG, decoded in the worker and copied over
+    paths = photo_jpegs(tmp_path, n=5)
+    paths.append(str(tmp_path / "5.png"))
+    photo(160, 120, seed=5).save(paths[-1])
+    batches = [batch_of(read(recipe, paths * 2, range(k, k + 12))) for k in (0, 12)]
+    # the premise: every operation of the recipe acts on some crop of the batch
+    draws = [named(p, recipe) for p in batches[1].params]
+    assert any(p.gray for p in draws) and any(p.jitter for p in draws)
+    assert any(p.flip for p in draws)
+    assert any(p.sigma for p in draws) == (PUBLISHED[recipe].blur_p > 0)
+
+    augment = BatchAugment(recipe, 32, IMAGENET_MEAN, IMAGENET_STD)
+    device = torch.device("cpu")  # standing in for a GPU
+    decode = moco.batch_augment.decode_jpegs
+
+    def decode_on_device(data, device):
+        # on CUDA, decode_jpegs drains the stream before nvjpeg writes: one wait
+        syncs.events.append("wait: before the JPEG decoder")
+        decoded = decode(data, device)
+        syncs.on_device(decoded)
+        return decoded
+
+    monkeypatch.setattr(moco.batch_augment, "decode_jpegs", decode_on_device)
+    with SyncCounter() as syncs:
+        # hue's tables and the normalisation: copied to a device once
+        syncs.on_device(moco.augment.hue_tables(device))
+        augment(batches[0], device)
+        syncs.events.clear()
+        augment(batches[1], device)
+    assert syncs.events == ["wait: before the JPEG decoder"]
 
 
 def test_loader_workers_give_the_batches_of_one_process(image_folder):
