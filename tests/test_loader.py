@@ -590,6 +590,32 @@ def test_benchmark_prints_a_row_per_recipe_and_worker_count(image_folder, capsys
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
 
 
+def test_benchmark_augments_a_batch_before_timing_the_batched_path(
+    image_folder, monkeypatch
+):
+    import bench.loader
+    from moco.batch_augment import ReadAndSample
+
+    # the device's and the JPEG decoder's set-up is not timed
+    events = []
+
+    def clock():
+        events.append("clock")
+        return 0.0 if len(events) < 3 else 1.0
+
+    def augment(images, device):
+        events.append("augment")
+
+    monkeypatch.setattr(bench.loader.time, "perf_counter", clock)
+    dataset = SeededImageFolder(
+        f"{image_folder}/train", ReadAndSample("v1", 8), decode=False
+    )
+    for workers in 0, 1:
+        events.clear()
+        bench.loader.measure(dataset, workers, 8, augment, torch.device("cpu"))
+        assert events[:3] == ["augment", "clock", "augment"], workers
+
+
 def test_unknown_recipe_or_normalisation_is_a_usage_error():
     for impl in ("original", "fast"):
         with pytest.raises(UsageError, match="unknown augmentation 'v3'"):
