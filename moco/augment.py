@@ -582,21 +582,18 @@ def run_steps(x: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
     The steps on x in turn. Their rows and numbers reach x's device in one copy that
     the host does not wait for (from pinned memory on CUDA); nothing is read back.
     """
-    values = [float(n) for step in steps for n in step.rows]
-    values += [f for step in steps for row in step.numbers or [] for f in row]
+    values = []
+    for step in steps:
+        values += step.rows + [f for row in step.numbers or [] for f in row]
     host = torch.tensor(values, dtype=torch.float64)
     if x.device.type == "cuda":
         host = host.pin_memory()
     packed = host.to(x.device, non_blocking=True)
-    rows_at, numbers_at = 0, sum(len(step.rows) for step in steps)
+    at = 0
     for rows, fn, numbers in steps:
-        m = len(rows)
-        index = packed[rows_at : rows_at + m].long()
-        rows_at += m
-        args = []
-        if numbers is not None:
-            k = len(numbers[0])
-            args.append(packed[numbers_at : numbers_at + m * k].view(m, k))
-            numbers_at += m * k
+        m, k = len(rows), len(numbers[0]) if numbers else 0
+        index = packed[at : at + m].long()
+        args = [packed[at + m : at + m + m * k].view(m, k)] if numbers else []
+        at += m + m * k
         x = x.index_copy_(0, index, fn(x.index_select(0, index), *args))
     return x
