@@ -213,7 +213,8 @@ def test_blur_is_pils_box_passes_per_crop_within_three_levels():
     ours = box_blur(x, sigmas)
     means = []
     for k, sigma in enumerate(sigmas):
-        # the fast path's passes, crop by crop: the same filter
+        # one crop alone, as the fast path blurs it: the same filter whatever the
+        # other crops' sigmas
         fast = loader_tests.box_blur(x[k], sigma)
         assert torch.allclose(ours[k], fast, atol=1e-3), sigma
         # PIL rounds to uint8 after each of its six passes; measured: at most 2.4
