@@ -11,7 +11,9 @@ The data is an ImageFolder of ImageNet-like JPEGs (about 500 x 375, quality 90) 
 here: smooth colour fields, sharp-edged shapes and texture, the same for the same seed.
 Each measurement is repeated and the implementations are interleaved within each repeat;
 the table gives medians. With 0 workers everything runs in this process; the batched
-path then reads and augments a batch at a time.
+path then reads and augments a batch at a time. The batched path augments one batch
+before each timing starts, so that setting up the device and its JPEG decoder is not
+timed. The figures are in docs/speed.md.
 """
 
 import argparse
@@ -102,14 +104,23 @@ def in_process(dataset):
 def batched_in_process(dataset, augment, batch_size, device):
     """Images/s of one process reading batches and augmenting them on `device`."""
     n = len(dataset)
+
+    def batch(first):
+        return collate([dataset[i] for i in range(first, min(n, first + batch_size))])
+
+    warm_up(augment, batch(0)[0], device)
     start = time.perf_counter()
     for first in range(0, n, batch_size):
-        images, _ = collate(
-            [dataset[i] for i in range(first, min(n, first + batch_size))]
-        )
+        images, _ = batch(first)
         augment(images, device)
     synchronize(device)
     return n / (time.perf_counter() - start)
+
+
+def warm_up(augment, images, device):
+    """Augment a batch outside the timing: the device's and the decoder's set-up."""
+    augment(images, device)
+    synchronize(device)
 
 
 def with_workers(dataset, workers, batch_size, augment=None, device=None):
@@ -127,8 +138,12 @@ def with_workers(dataset, workers, batch_size, augment=None, device=None):
         persistent_workers=True,
         prefetch_factor=4,
         collate_fn=collate if augment else None,
+        # as main_moco.py: the batched path's pixels copy to the GPU unwaited
+        pin_memory=device is not None and device.type == "cuda",
     )
-    iter(loader).__next__()  # start the workers outside the timing
+    images, _ = next(iter(loader))  # start the workers outside the timing
+    if augment:
+        warm_up(augment, images, device)
     start = time.perf_counter()
     n = 0
     for images, targets in loader:

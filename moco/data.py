@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+from moco.augment import seeded
 from moco.utils import UsageError, logger
 
 # the image files found, for messages
@@ -110,7 +111,7 @@ def sample_seed(data_seed, epoch, index):
 
 class SeededImages(Dataset):
     """
-    Samples (path, target) augmented by `transform` under torch's random state seeded
+    Samples (path, target) augmented by `transform` under the random states seeded
     from (data_seed, epoch, index). Indexed by an int (epoch 0) or by the (index, seed)
     pairs that EpochSampler yields. With skip_bad, an unreadable file is logged once
     and replaced by the next readable sample. decode=False hands the transform the
@@ -170,10 +171,7 @@ class SeededImages(Dataset):
                     logger.warning(f"=> skipping: {self._named(i, e)}")
         else:
             raise BadImageError(f"no readable image in {self.source!r}")
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only, which the transforms draw from: torch.manual_seed
-            # would also seed the GPUs' generators (0.1 ms an image)
-            torch.default_generator.manual_seed(seed)
+        with seeded(seed):
             try:
                 return self.transform(img), target
             except BadImageError as e:  # decode=False: the transform reads the file

@@ -15,23 +15,25 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageFilter
 from torchvision.io import decode_jpeg
 
+import moco.augment
 import moco.batch_augment
-import moco.fast_augment
 import tests.test_loader as loader_tests
-from moco.batch_augment import (
-    ADJUSTMENTS,
-    BatchAugment,
-    ReadAndSample,
-    box_blur,
-    collate,
-    resized_crops,
-    rgb_to_grayscale,
-)
+from moco.augment import ADJUSTMENTS, RandomResizedCrop, rgb_to_grayscale
+from moco.batch_augment import BatchAugment, ReadAndSample, collate
 from moco.data import BadImageError, EpochSampler, SeededImageFolder, load_image
-from moco.fast_augment import FastTwoCrops
-from moco.loader import IMAGENET_MEAN, IMAGENET_STD, RECIPES, pretrain_transform
+from moco.loader import RECIPES, FastTwoCrops, pretrain_transform
 from moco.utils import UsageError, logger
-from tests.test_loader import HUES, LEVEL, factor_range, photo, seed_cpu
+from tests.test_loader import (
+    HUES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LEVEL,
+    PUBLISHED,
+    factor_range,
+    named,
+    photo,
+    seed_draws,
+)
 
 
 def jpeg(path, img):
@@ -44,12 +46,18 @@ def photo_jpegs(folder, n=4, width=160, height=120):
 
 
 def as_tuples(params):
-    """CropParams as plain tuples, comparable with == (the jitter order is a tensor)."""
-    out = []
-    for p in params:
-        jitter = p.jitter and (list(p.jitter[0]), *p.jitter[1:])
-        out.append((p.box, jitter, p.gray, p.sigma, p.flip))
-    return out
+    """Draws as plain tuples, comparable with ==."""
+    return [tuple(p) for p in params]
+
+
+def box_blur(x, sigmas):
+    """moco.augment.box_blur with each crop's sigma."""
+    taps = torch.tensor(moco.augment.blur_taps(sigmas), dtype=torch.float64)
+    return moco.augment.box_blur(x, taps)
+
+
+def resized_crops(images, boxes, size):
+    return RandomResizedCrop().batch(images, boxes, size)
 
 
 def read(recipe, paths, seeds, size=64):
@@ -57,7 +65,7 @@ def read(recipe, paths, seeds, size=64):
     worker = ReadAndSample(recipe, size)
     images = []
     for path, seed in zip(paths, seeds):
-        seed_cpu(seed)
+        seed_draws(seed)
         images.append(worker(path))
     return images
 
@@ -75,7 +83,7 @@ def batched(recipe, paths, seeds, size=64, device="cpu"):
 
 def original(recipe, path, seed, size=64):
     """The original's [q, k] of the file at `path` for `seed`."""
-    torch.manual_seed(seed)
+    seed_draws(seed)
     return pretrain_transform(recipe, size, impl="original")(load_image(path))
 
 
@@ -188,7 +196,7 @@ def test_resized_crops_are_within_one_level_of_pil(recipe, width, size):
     imgs = [photo(width, width * 3 // 4, seed=k) for k in range(4)]
     crop = FastTwoCrops(recipe, size, [0] * 3, [1] * 3)
     torch.manual_seed(0)
-    boxes = [crop.sample(img).box for img in imgs for _ in range(10)]
+    boxes = [crop.sample(img)[0] for img in imgs for _ in range(10)]
     sources = [F.pil_to_tensor(img) for img in imgs for _ in range(10)]
     ours = resized_crops(sources, boxes, size)
     images = [img for img in imgs for _ in range(10)]
@@ -205,8 +213,9 @@ def test_blur_is_pils_box_passes_per_crop_within_three_levels():
     ours = box_blur(x, sigmas)
     means = []
     for k, sigma in enumerate(sigmas):
-        # the fast path's passes, crop by crop: the same filter
-        fast = moco.fast_augment.box_blur(x[k], sigma)
+        # one crop alone, as the fast path blurs it: the same filter whatever the
+        # other crops' sigmas
+        fast = loader_tests.box_blur(x[k], sigma)
         assert torch.allclose(ours[k], fast, atol=1e-3), sigma
         # PIL rounds to uint8 after each of its six passes; measured: at most 2.4
         # levels apart, 0.15 to 0.65 on average
@@ -250,17 +259,19 @@ def test_batched_pipeline_stays_close_to_the_original_for_the_same_seeds(
 def test_with_pils_resize_the_pipeline_is_the_original_but_for_blur_rounding(
     monkeypatch, tmp_path, recipe
 ):
-    def pil_resized_crops(images, boxes, size):
+    def pil_resized_crops(self, images, boxes, size):
         crops = [
             F.resized_crop(pil(x), *b, [size, size]) for x, b in zip(images, boxes)
         ]
         return levels(crops)
 
-    monkeypatch.setattr(moco.batch_augment, "resized_crops", pil_resized_crops)
+    monkeypatch.setattr(RandomResizedCrop, "batch", pil_resized_crops)
     paths = photo_jpegs(tmp_path)
     for seed in range(5):
         means, maxima = differences(recipe, paths, range(4 * seed, 4 * seed + 4))
-        if RECIPES[recipe].blur_p > 0:  # measured: 0.22 levels on average, 2.6 at most
+        if (
+            PUBLISHED[recipe].blur_p > 0
+        ):  # measured: 0.22 levels on average, 2.6 at most
             assert means.max() < 1 and maxima.max() <= 3
         else:
             assert maxima.max() == 0
@@ -291,7 +302,7 @@ def test_output_is_normalised_float_crops_on_the_requested_device(tmp_path, reci
     assert torch.allclose(q, (q0 - mean.view(3, 1, 1)) / std.view(3, 1, 1), atol=1e-5)
     for j, x in enumerate((q0, k0)):
         for image, crop in zip(images, x):
-            if image.params[j].sigma is None:
+            if named(image.params[j], recipe).sigma is None:
                 assert torch.equal((crop * 255).round() / 255, crop)
             assert 0 <= crop.min() and crop.max() <= 1
 
@@ -336,6 +347,44 @@ def test_decoding_leaves_alone_memory_that_queued_kernels_still_read(tmp_path):
         augment.decode(batch, device)
         wrong += sum(int(total) != k * 3 * 120 * 160 for k, total in enumerate(sums))
     assert wrong == 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_batch_makes_the_host_wait_once_for_the_decoder(
+    tmp_path, monkeypatch, recipe
+):
+    from syncs import SyncCounter
+
+    # JPEGs, decoded together, and a PNG, decoded in the worker and copied over
+    paths = photo_jpegs(tmp_path, n=5)
+    paths.append(str(tmp_path / "5.png"))
+    photo(160, 120, seed=5).save(paths[-1])
+    batches = [batch_of(read(recipe, paths * 2, range(k, k + 12))) for k in (0, 12)]
+    # the premise: every operation of the recipe acts on some crop of the batch
+    draws = [named(p, recipe) for p in batches[1].params]
+    assert any(p.gray for p in draws) and any(p.jitter for p in draws)
+    assert any(p.flip for p in draws)
+    assert any(p.sigma for p in draws) == (PUBLISHED[recipe].blur_p > 0)
+
+    augment = BatchAugment(recipe, 32, IMAGENET_MEAN, IMAGENET_STD)
+    device = torch.device("cpu")  # standing in for a GPU
+    decode = moco.batch_augment.decode_jpegs
+
+    def decode_on_device(data, device):
+        # on CUDA, decode_jpegs drains the stream before nvjpeg writes: one wait
+        syncs.events.append("wait: before the JPEG decoder")
+        decoded = decode(data, device)
+        syncs.on_device(decoded)
+        return decoded
+
+    monkeypatch.setattr(moco.batch_augment, "decode_jpegs", decode_on_device)
+    with SyncCounter() as syncs:
+        # hue's tables and the normalisation: copied to a device once
+        syncs.on_device(moco.augment.hue_tables(device))
+        augment(batches[0], device)
+        syncs.events.clear()
+        augment(batches[1], device)
+    assert syncs.events == ["wait: before the JPEG decoder"]
 
 
 def test_loader_workers_give_the_batches_of_one_process(image_folder):

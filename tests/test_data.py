@@ -4,6 +4,7 @@ unlabelled data where labels are needed, and the queue-holds-the-positive warnin
 """
 
 import os
+import random
 from collections import deque
 
 import numpy as np
@@ -212,9 +213,11 @@ def test_an_imagefolder_gives_todays_samples_and_seeded_draws(image_folder):
         index = key[0] if isinstance(key, tuple) else key
         assert target == NO_LABEL and target_folder == folder.targets[index]
 
-    # today's draw, written out: the transform under torch's state seeded by the key
+    # today's draw, written out: the transform under torch's and Python's random
+    # states seeded by the key
     index, seed = list(sampler)[0]
     torch.manual_seed(seed)
+    random.seed(seed)
     q_today, _ = transform(load_image(folder.samples[index][0]))
     assert torch.equal(ds[(index, seed)][0][0], q_today)
 
