@@ -85,7 +85,7 @@ class Launch:
         n = self.processes_per_node()
         if n < 1:
             raise UsageError(f"--procs-per-node must be positive, got {n}")
-        if gpus and n > gpus:
+        if gpus and n > gpus and not _own_gpu_each(gpus):
             raise UsageError(f"{n} processes per node but only {gpus} GPUs")
         if not _under_torchrun() and self.dist_url != "env://":
             if self.multiprocessing_distributed and self.world_size < 1:
@@ -106,6 +106,14 @@ class Launch:
 
 def _under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def _own_gpu_each(gpus: int) -> bool:
+    """
+    Whether a scheduler shows each process of the node its own GPU: under torchrun,
+    one GPU visible through CUDA_VISIBLE_DEVICES (local_gpu then takes GPU 0).
+    """
+    return _under_torchrun() and gpus == 1 and "CUDA_VISIBLE_DEVICES" in os.environ
 
 
 @dataclass
