@@ -24,7 +24,7 @@ from test_builder import images, make_moco
 from main_moco import train_step
 from moco.builder import MoCo
 from moco.distributed import wrap_ddp
-from moco.utils import UsageError
+from moco.utils import NonFiniteLossError, UsageError
 
 
 def train_steps(model, steps, n, seed, ddp=None):
@@ -150,6 +150,33 @@ def _two_process_worker(rank, port):
         queues = [torch.empty_like(model.queue) for _ in range(WORLD)]
         all_gather(queues, model.queue)
         assert torch.equal(queues[0], queues[1])
+
+        # a stop signal or a non-finite loss on one process stops both at this step
+        def step(criterion=F.cross_entropy, stop_requested=False):
+            return train_step(
+                ddp,
+                criterion,
+                opt,
+                images(N, 50 + rank),
+                images(N, 60 + rank),
+                scaler=torch.amp.GradScaler("cpu", enabled=False),
+                autocast=torch.autocast("cpu", enabled=False),
+                stop_requested=stop_requested,
+            )[4]
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        assert step(stop_requested=rank == 1) and not step()
+        weights = [p.clone() for p in model.encoder_q.parameters()]
+
+        def nan_on_process_1(output, target):
+            loss = F.cross_entropy(output, target)
+            return loss * float("nan") if rank == 1 else loss
+
+        elsewhere = "non-finite elsewhere" if rank == 0 else "the loss became nan"
+        with pytest.raises(NonFiniteLossError, match=elsewhere):
+            step(nan_on_process_1)
+        # stopped before the update, on both
+        assert all(map(torch.equal, weights, model.encoder_q.parameters()))
     finally:
         dist.destroy_process_group()
 
