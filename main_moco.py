@@ -317,7 +317,17 @@ def main_worker(local_rank, procs_per_node, args, plan, images):
     scaler = torch.amp.GradScaler(
         env.device.type, enabled=args.amp and args.amp_dtype == "float16"
     )
-    meters = TrainMeters(world_size=env.world_size)
+
+    # the epochs' meters and the metric log; the run's arguments first: a record, and
+    # the queue size for the plot's chance line
+    meters = TrainMeters(world_size=env.world_size, epochs=args.epochs)
+    log = JsonLogger(
+        os.path.join(args.output_dir, "log.jsonl"),
+        env.is_main,
+        tensorboard_dir=os.path.join(args.output_dir, "tensorboard"),
+    )
+    log.log({"kind": "args", **vars(args)})
+
     checkpointer = ckpt.Checkpointer(
         args.output_dir,
         model,
@@ -330,42 +340,32 @@ def main_worker(local_rank, procs_per_node, args, plan, images):
         keep_last=args.keep_last,
         enabled=env.is_main,
     )
-
     # optionally resume from a checkpoint
     start_epoch, start_iter = checkpointer.resume_if_asked(
         args.resume, args.start_epoch
     )
-
-    # Data loading code
-    train_loader, augment = create_loader(
-        args, plan, checkpointer.data_seed, env, images
-    )
-
-    log = JsonLogger(
-        os.path.join(args.output_dir, "log.jsonl"),
-        env.is_main,
-        tensorboard_dir=os.path.join(args.output_dir, "tensorboard"),
-    )
-    # the run's arguments first: a record, and the queue size for the plot's chance line
-    log.log({"kind": "args", **vars(args)})
-    print_summary(args, plan, env, train_loader)
-
-    step = Step(
-        model_ddp,
-        criterion,
-        optimizer,
-        scaler,
-        torch.autocast(
-            env.device.type, dtype=getattr(torch, args.amp_dtype), enabled=args.amp
-        ),
-        torch.channels_last if args.channels_last else torch.contiguous_format,
-        env.device,
-        args.symmetric,
-        augment,
-    )
     # from here on a stop signal ends the run at a step every process agrees on
     preemption = ckpt.Preemption(checkpointer, args.save_freq)
     try:
+        # Data loading code
+        train_loader, augment = create_loader(
+            args, plan, checkpointer.data_seed, env, images
+        )
+        step = Step(
+            model_ddp,
+            criterion,
+            optimizer,
+            scaler,
+            torch.autocast(
+                env.device.type, dtype=getattr(torch, args.amp_dtype), enabled=args.amp
+            ),
+            torch.channels_last if args.channels_last else torch.contiguous_format,
+            env.device,
+            args.symmetric,
+            augment,
+        )
+        print_summary(args, plan, env, train_loader)
+
         for epoch in range(start_epoch, args.epochs):
             first = start_iter if epoch == start_epoch else 0
             train_loader.sampler.set_epoch(epoch, start=first * plan.batch_size)
@@ -533,7 +533,7 @@ def train(train_loader, step, meters, epoch, args, preemption, log, first=0):
             log.log(meters.step_record(i, lr), step=epoch * total + i)
         preemption.after_step(epoch, i + 1, total, stop)
 
-    stats = meters.epoch_record(lr, args.epochs)
+    stats = meters.epoch_record(lr)
     log.log(stats, step=(epoch + 1) * total)
     skipped = int(train_loader.dataset.skipped)
     if skipped:

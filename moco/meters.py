@@ -100,8 +100,11 @@ class TrainMeters:
     an epoch resumed within goes on from it.
     """
 
-    def __init__(self, epoch: int = 0, total: int = 0, world_size: int = 1) -> None:
-        self.world_size = world_size
+    def __init__(
+        self, epoch: int = 0, total: int = 0, world_size: int = 1, epochs: int = 1
+    ) -> None:
+        # the run's processes and epochs, for its speed and the time left
+        self.world_size, self.epochs = world_size, epochs
         self.batch_time = AverageMeter("Time", ":6.3f")
         self.data_time = AverageMeter("Data", ":6.3f")
         self.losses = AverageMeter("Loss", ":.4e")
@@ -173,7 +176,7 @@ class TrainMeters:
             "epoch_eta_s": (self.end - self.begin) / done * (self.total - step - 1),
         }
 
-    def epoch_record(self, lr: float, epochs: int) -> dict:
+    def epoch_record(self, lr: float) -> dict:
         """The epoch's averages and speed, as logged after its last step."""
         elapsed = time.time() - self.begin
         trained = self.losses.count - self.images_before
@@ -187,7 +190,7 @@ class TrainMeters:
             "epoch_time_s": elapsed,
             "images_per_s": trained * self.world_size / max(elapsed, 1e-9),
             "data_share": self.data_time.sum / max(self.batch_time.sum, 1e-9),
-            "eta_s": elapsed * (epochs - self.epoch - 1),
+            "eta_s": elapsed * (self.epochs - self.epoch - 1),
         }
 
 
