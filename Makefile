@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-oldest venv clean
 
 venv: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ test: venv
 	$(PY) -m mypy
 	$(PY) -m pytest -q tests -n $(TEST_WORKERS) --dist loadfile --durations=10
 
+# the suite again on the oldest torch and torchvision requirements.txt admits, in a
+# venv of its own, so that an API newer than the range fails here first
+test-oldest:
+	$(MAKE) test VENV=.venv-oldest PINS="torch==2.11.0 torchvision==0.26.0"
+
 # CIFAR-10 for the demo where this machine keeps it; else the demo looks in its cache,
 # then downloads it, then falls back to generated shapes (make demo DEMO_DATA=PATH)
 DEMO_DATA ?= $(wildcard ../shared/data/cifar10-jpeg.tar.gz)
@@ -32,4 +37,4 @@ demo: venv
 	$(PY) -m tools.demo $(if $(DEMO_DATA),--data $(DEMO_DATA))
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) .venv-oldest demo_output

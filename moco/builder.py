@@ -125,7 +125,7 @@ class MoCo(nn.Module):
         batch_size_all = batch_size_this * world_size
 
         # random shuffle index, drawn on the CPU by every process; process 0's is used
-        idx_shuffle = torch.randperm(batch_size_all).to(x.device)
+        idx_shuffle = to_device(torch.randperm(batch_size_all), x.device)
         if world_size > 1:
             dist.broadcast(idx_shuffle, src=0)
 
@@ -133,9 +133,8 @@ class MoCo(nn.Module):
         idx_unshuffle = torch.argsort(idx_shuffle)
 
         # shuffled index for this process
-        idx_this = idx_shuffle.view(world_size, -1)[rank]
         if world_size == 1:
-            return x[idx_this], idx_unshuffle
+            return x[idx_shuffle], idx_unshuffle
         return _rows_from_all(x, idx_shuffle, rank, world_size), idx_unshuffle
 
     @torch.no_grad()
@@ -236,6 +235,13 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(tensors_gather, dim=0)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to `device` without making the host wait for the copy."""
+    if device.type == "cuda":
+        t = t.pin_memory()  # a non-blocking copy from pageable memory would wait
+    return t.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def _rows_from_all(x, idx_shuffle, rank, world_size):
     """
@@ -244,22 +250,23 @@ def _rows_from_all(x, idx_shuffle, rank, world_size):
     Process r owns global rows r*n .. (r+1)*n - 1; idx_shuffle is the same everywhere.
     """
     n = x.shape[0]
-    idx = idx_shuffle.view(world_size, n)
+    # all_to_all takes its split sizes on the host: the permutation's one trip there
+    idx = idx_shuffle.cpu().view(world_size, n)
     owner = torch.div(idx, n, rounding_mode="floor")  # which process holds each row
 
     # to send: my rows that each process needs, in the order it needs them
     send_mask = owner == rank
     send_rows = idx[send_mask] - rank * n
-    send_counts = send_mask.sum(dim=1)
+    send_counts = send_mask.sum(dim=1).tolist()
     # to receive: the rows I need, grouped by the process that holds them
     my_owner = owner[rank]
-    recv_counts = torch.bincount(my_owner, minlength=world_size)
+    recv_counts = torch.bincount(my_owner, minlength=world_size).tolist()
     order = torch.argsort(my_owner, stable=True)
 
-    counts = torch.stack([send_counts, recv_counts]).tolist()  # split sizes on the host
     # the collective moves contiguous rows; the result keeps x's memory format
     received = x.new_empty(x.shape)
-    dist.all_to_all_single(received, x[send_rows].contiguous(), counts[1], counts[0])
+    send = x[to_device(send_rows, x.device)].contiguous()
+    dist.all_to_all_single(received, send, recv_counts, send_counts)
     out = torch.empty_like(x)
-    out[order] = received  # back to the order of this process's shuffled index
+    out[to_device(order, x.device)] = received  # this process's shuffled order
     return out

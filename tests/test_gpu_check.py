@@ -101,6 +101,16 @@ def test_set_up_makes_a_venv_that_sees_the_torch_of_the_python_it_came_from(dry_
     assert report["python"] == str(tmp / "venv" / "bin" / "python")
 
 
+def test_set_up_installs_only_what_the_check_uses():
+    import setup_env
+
+    with open(os.path.join(REPO, "requirements-dev.txt")) as f:
+        assert "mypy" in f.read()  # for make test's type check
+    names = [name for name, _, _ in setup_env.requirements()]
+    assert "torch" in names and "pytest" in names
+    assert "mypy" not in names  # nothing the offline GPU machine would try to fetch
+
+
 def test_the_pytest_section_runs_every_cuda_test_unless_told_otherwise():
     cmd = sections.pytest_command("python", None, "")
     assert cmd[:6] == ["python", "-m", "pytest", "tests", "-m", "cuda"]
