@@ -557,7 +557,7 @@ class Checkpointer:
         state of the epoch's meters so far, for whole-epoch averages on resume.
         """
         if self.enabled:
-            meters = self.meters.state_dict() if self.meters else None
+            meters = self.meters.state_dict() if self.meters is not None else None
             self._save(epoch, steps_done, LAST_NAME, meters)
 
     def _save(
@@ -605,7 +605,7 @@ class Checkpointer:
         state = restore(path, self.model, self.optimizer)
         # files of the original have neither data seed nor random states
         self.data_seed = state.get("data_seed", self.data_seed)
-        if "meters" in state and self.meters:
+        if "meters" in state and self.meters is not None:
             self.meters.load_state_dict(state["meters"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

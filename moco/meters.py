@@ -138,9 +138,11 @@ class TrainMeters:
         return (self.losses, self.top1, self.top5)
 
     def state_dict(self) -> dict:
+        """{meter name: [sum, count]} of the averaged meters."""
         return {meter.name: meter.state() for meter in self.averaged}
 
     def load_state_dict(self, state: dict) -> None:
+        """Go on from what state_dict returned (start then keeps it, first > 0)."""
         for meter in self.averaged:
             if meter.name in state:
                 meter.load_state(state[meter.name])
