@@ -12,7 +12,6 @@ import argparse
 
 import torch
 
-from moco.checkpoint import load_encoder, load_encoder_with_head
 from moco.cli import (
     add_data_arguments,
     add_image_arguments,
@@ -28,6 +27,7 @@ from moco.distributed import cleanup, init_distributed, launch, shared_seed
 from moco.knn import check_knn_data, knn_accuracy
 from moco.models import build_encoder, check_arch
 from moco.utils import UsageError, logger
+from moco.weights import load_encoder, load_encoder_with_head
 
 
 def get_args_parser():

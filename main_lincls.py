@@ -11,17 +11,17 @@ Also runs on one GPU, on the CPU and under torchrun (see README.md). The quick p
 """
 
 import argparse
-import copy
 import os
 import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets.folder import find_classes
 
 from moco import checkpoint as ckpt
-from moco import probe
+from moco import knn, probe
 from moco.cli import (
     add_data_arguments,
     add_image_arguments,
@@ -37,24 +37,25 @@ from moco.data import (
     require_labels,
 )
 from moco.distributed import (
-    all_reduce_sum,
     cleanup,
     init_distributed,
     launch,
     shard_range,
     shared_seed,
 )
-from moco.knn import KnnOptions
+from moco.features import Features
 from moco.loader import eval_transforms
 from moco.meters import (
-    AverageMeter,
     JsonLogger,
-    ProgressMeter,
     TrainMeters,
+    ValidationMeters,
+    accuracy_report,
+    epoch_record,
     read_step,
 )
 from moco.models import build_encoder, check_arch
 from moco.utils import UsageError, adjust_learning_rate, logger, seed_everything
+from moco.weights import encoder_state_dict, load_encoder
 
 HEAD_KEYS = ("fc.weight", "fc.bias")
 ORIGINAL_LR = 30.0
@@ -69,15 +70,11 @@ def get_args_parser():
         parser,
         "path to a checkpoint of this script (default: none); without --pretrained "
         "the sanity check compares with its backbone",
+        lr_help=f"initial learning rate (default: {ORIGINAL_LR}, the original's; "
+        f"{probe.PROBE_LR} with --cached-features)",
     )
     # --lr's default depends on the protocol: see learning_rate
     parser.set_defaults(epochs=100, lr=None, schedule=[60, 80], weight_decay=0.0)
-    for action in parser._actions:
-        if action.dest == "lr":
-            action.help = (
-                f"initial learning rate (default: {ORIGINAL_LR}, the original's; "
-                f"{probe.PROBE_LR} with --cached-features)"
-            )
     parser.add_argument(
         "-e",
         "--evaluate",
@@ -179,13 +176,13 @@ def main(args):
     check_args(args)
     model = create_model(args, 1000)
     if args.pretrained:  # refuse a wrong file before reading any data
-        ckpt.load_encoder(model, args.pretrained, args.arch)
+        load_encoder(model, args.pretrained, args.arch)
     classes, _, _ = require_labels(args.data, "main_lincls.py (linear classification)")
     if args.resume:
         hint = f" with {len(classes)} classes"
         hint += " and --small-stem" if args.small_stem else ""
         model = create_model(args, len(classes))
-        ckpt.check_classifier_resume(args.resume, args.arch, model, hint)
+        check_resume(args.resume, args.arch, model, hint)
     return launch(main_worker, launch_settings(args), args)
 
 
@@ -211,7 +208,7 @@ def run(env, args):
     reference = None  # the backbone the sanity check compares with
     if args.pretrained:
         logger.info(f"=> loading checkpoint '{args.pretrained}'")
-        ckpt.load_encoder(model, args.pretrained, args.arch)
+        load_encoder(model, args.pretrained, args.arch)
         logger.info(f"=> loaded pre-trained model '{args.pretrained}'")
     elif not args.resume:
         reference = backbone_state(model.state_dict())
@@ -219,16 +216,6 @@ def run(env, args):
             "=> no --pretrained: a randomly initialised backbone (the baseline)"
         )
     model.to(env.device)
-    if args.cached_features:
-        return cached_probe(env, args, model, reference, batch_size, workers)
-    model_ddp = model
-    if env.distributed:
-        model_ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device] if env.device.type == "cuda" else None
-        )
-
-    # define loss function (criterion) and optimizer
-    criterion = nn.CrossEntropyLoss().to(env.device)
 
     # optimize only the linear classifier
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -236,15 +223,23 @@ def run(env, args):
     optimizer = torch.optim.SGD(
         parameters, args.lr, momentum=args.momentum, weight_decay=args.weight_decay
     )
-    checkpointer = ckpt.ClassifierCheckpointer(
-        args.output_dir, model, optimizer, arch=args.arch, enabled=env.is_main
-    )
+    if args.cached_features:
+        return cached_probe(env, args, model, optimizer, reference, batch_size, workers)
+    model_ddp = model
+    if env.distributed:
+        model_ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.type == "cuda" else None
+        )
+
+    # define loss function (criterion)
+    criterion = nn.CrossEntropyLoss().to(env.device)
 
     # optionally resume from a checkpoint
     start_epoch, best_acc1 = args.start_epoch, 0.0
     if args.resume:
         logger.info(f"=> loading checkpoint '{args.resume}'")
-        start_epoch, best_acc1 = checkpointer.resume(args.resume)
+        state = ckpt.restore(args.resume, model, optimizer)
+        start_epoch, best_acc1 = state["epoch"], float(state["best_acc1"])
         logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {start_epoch})")
 
     train_loader, val_loader = create_loaders(args, env, batch_size, workers)
@@ -277,20 +272,65 @@ def run(env, args):
         acc1 = val_stats["val_acc1"]
         is_best = acc1 > best_acc1
         best_acc1 = max(acc1, best_acc1)
-        checkpointer.save(epoch, best_acc1, is_best)
-        if env.is_main and epoch == start_epoch:
-            sanity_check(model.state_dict(), reference, args)
-        log.log(
-            {
-                "kind": "epoch",
-                "epoch": epoch,
-                "lr": lr,
-                **train_stats,
-                **val_stats,
-                "best_acc1": best_acc1,
-            }
-        )
+        if env.is_main:
+            state = classifier_state(epoch, args.arch, model, optimizer, best_acc1)
+            save_checkpoint(state, is_best, args.output_dir)
+            if epoch == start_epoch:
+                sanity_check(model.state_dict(), reference, args)
+        log.log(epoch_record(epoch, lr, train_stats, val_stats, best_acc1))
     return best_acc1
+
+
+def classifier_state(epoch, arch, model, optimizer, best_acc1):
+    """
+    The original's linear-classification checkpoint after epoch `epoch` (from 0):
+    completed epochs, arch, state_dict ('module.*'), optimizer and best_acc1.
+    """
+    state = ckpt.model_state(epoch + 1, arch, model, optimizer)
+    state["best_acc1"] = best_acc1
+    return state
+
+
+def save_checkpoint(state, is_best, output_dir):
+    """
+    The original's: `state` to checkpoint.pth.tar, copied to model_best.pth.tar if
+    it is the best so far; each file written whole or not at all.
+    """
+    path = os.path.join(output_dir, "checkpoint.pth.tar")
+    ckpt.save_atomically(state, path)
+    if is_best:
+        ckpt.copy_atomically(path, os.path.join(output_dir, "model_best.pth.tar"))
+
+
+def check_resume(path, arch, model, hint=""):
+    """
+    Refuse a --resume file that is not a linear classifier of `model` (a fresh one
+    of -a `arch`); hint: what else must match, for the message.
+    """
+    state = ckpt.load_checkpoint(path, what="--resume checkpoint")
+    sd = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(sd, dict):
+        problem = "no state_dict"
+    else:
+        missing = [k for k in ("epoch", "optimizer", "best_acc1") if k not in state]
+        problem = f"no {missing[0]!r}" if missing else None
+        if problem and any("encoder_q." in k for k in sd):
+            problem += "; a pretraining checkpoint goes to --pretrained"
+    if problem:
+        raise ckpt.CheckpointError(
+            f"--resume {path!r} is not a checkpoint of main_lincls.py ({problem})"
+        )
+    if state.get("arch", arch) != arch:
+        raise ckpt.CheckpointError(
+            f"--resume {path!r} is a {state['arch']} model; got -a {arch}"
+        )
+    try:
+        model.load_state_dict(ckpt.without_module_prefix(sd))
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ckpt.CheckpointError(
+            f"--resume {path!r} does not fit -a {arch}{hint}: {detail[:200]}"
+        ) from None
 
 
 def create_loaders(args, env, batch_size, workers):
@@ -364,19 +404,12 @@ def validate(val_loader, model, criterion, args, env):
     Accuracy over the whole validation set, every process's share summed: val_acc1,
     val_acc5, val_loss and val_images, the same on every process.
     """
-    batch_time = AverageMeter("Time", ":6.3f")
-    losses = AverageMeter("Loss", ":.4e")
-    top1 = AverageMeter("Acc@1", ":6.2f")
-    top5 = AverageMeter("Acc@5", ":6.2f")
-    progress = ProgressMeter(
-        len(val_loader), [batch_time, losses, top1, top5], prefix="Test: "
-    )
+    meters = ValidationMeters(len(val_loader))
 
     # switch to evaluate mode
     model.eval()
 
     with torch.no_grad():
-        end = time.time()
         for i, (images, target) in enumerate(val_loader):
             images = images.to(env.device, non_blocking=True)
             target = target.to(env.device, non_blocking=True)
@@ -385,102 +418,48 @@ def validate(val_loader, model, criterion, args, env):
             output = model(images)
             loss = criterion(output, target)
 
-            # measure accuracy and record loss
+            # measure accuracy and record loss, and elapsed time
             loss_value, acc1, acc5 = read_step(loss, output, target)
-            for meter, value in ((losses, loss_value), (top1, acc1), (top5, acc5)):
-                meter.update(value, images.size(0))
-
-            # measure elapsed time
-            batch_time.update(time.time() - end)
-            end = time.time()
+            meters.update(loss_value, acc1, acc5, images.size(0))
 
             if i % args.print_freq == 0:
-                progress.display(i)
+                meters.progress.display(i)
 
-    # the meters hold percentages of counts
-    totals = torch.tensor(
-        [round(top1.sum / 100), round(top5.sum / 100), losses.sum, losses.count],
-        dtype=torch.float64,
-        device=env.device,
-    )
+    totals = torch.tensor(meters.totals(), dtype=torch.float64, device=env.device)
     return accuracy_report(totals)
 
 
-def accuracy_report(totals, shown=True):
+def cached_probe(env, args, model, optimizer, reference, batch_size, workers):
     """
-    The validation figures from this process's [top-1 count, top-5 count, loss sum,
-    images], summed over every process's: printed (if shown), and returned as
-    validate does.
-    """
-    correct1, correct5, loss_sum, n = all_reduce_sum(totals).tolist()
-    acc1, acc5 = 100.0 * correct1 / max(n, 1), 100.0 * correct5 / max(n, 1)
-    if shown:
-        logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images)")
-    return {
-        "val_acc1": acc1,
-        "val_acc5": acc5,
-        "val_loss": loss_sum / max(n, 1),
-        "val_images": int(n),
-    }
-
-
-def cached_probe(env, args, model, reference, batch_size, workers):
-    """
-    --cached-features: fc trained on the backbone's features of every image, extracted
-    once (moco/probe.py), with the report, log records and checkpoint files of the
-    protocol on images. Returns the best validation Acc@1.
+    --cached-features: model.fc trained by `optimizer` on the backbone's features of
+    every image, extracted once (moco/probe.py), with the report, log records and
+    checkpoint files of the protocol on images. Returns the best validation Acc@1.
     """
     log = JsonLogger(os.path.join(args.output_dir, "log.jsonl"), env.is_main)
     train_set, val = cached_features(env, args, model, batch_size, workers, log)
-    mean, std = probe.feature_stats(train_set.x)
-    train_set.x = probe.standardize_(train_set.x, mean, std)
-    # trained on standardised features; the files get it folded (probe.fold)
-    fc = copy.deepcopy(model.fc)
-    optimizer = torch.optim.SGD(
-        fc.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    result = probe.fit(
+        model.fc,
+        optimizer,
+        train_set,
+        val,
+        env,
+        epochs=args.epochs,
+        lr=args.lr,
+        schedule=args.schedule,
+        batch_size=batch_size * env.world_size,
+        seed=shared_seed(args.seed),
+        print_freq=args.print_freq,
+        log=log,
     )
-    generator = torch.Generator().manual_seed(shared_seed(args.seed))
-    global_batch = batch_size * env.world_size
-    best_acc1, best = 0.0, None
-    for epoch in range(args.epochs):
-        lr = adjust_learning_rate(optimizer, epoch, args.lr, args.epochs, args.schedule)
-        train_stats = probe.train_epoch(
-            fc, optimizer, train_set, global_batch, generator
-        )
-        shown = epoch % args.print_freq == 0 or epoch == args.epochs - 1
-        if shown:
-            logger.info(
-                f"Epoch: [{epoch}] lr {lr:g} Loss {train_stats['loss']:.4e} Acc@1 "
-                f"{train_stats['acc1']:6.2f} Acc@5 {train_stats['acc5']:6.2f} "
-                "(training features)"
-            )
-        folded = probe.fold(fc, mean, std)
-        val_stats = accuracy_report(probe.validation_sums(folded, val, env), shown)
-        acc1 = val_stats["val_acc1"]
-        if acc1 > best_acc1:
-            best = (epoch, folded.state_dict())
-        best_acc1 = max(acc1, best_acc1)
-        log.log(
-            {
-                "kind": "epoch",
-                "epoch": epoch,
-                "lr": lr,
-                **train_stats,
-                **val_stats,
-                "best_acc1": best_acc1,
-            }
-        )
-    if best is not None:
-        logger.info(f" * best Acc@1 {best_acc1:.3f} (epoch {best[0]})")
-    save_cached_probe(env, args, model, best, best_acc1, folded.state_dict())
     if env.is_main:
+        save_cached_probe(args, model, optimizer, result)
         sanity_check(model.state_dict(), reference, args)
-    return best_acc1
+    return result.best_acc1
 
 
 def cached_features(env, args, model, batch_size, workers, log):
     """
-    The backbone's features of DIR/train and DIR/val (probe.Features, all of them on
+    The backbone's features of DIR/train and DIR/val (Features, all of them on
     every process), logged; with --knn, their kNN accuracy too.
     """
     # process 0's backbone and initial fc everywhere: without --seed the random
@@ -507,37 +486,37 @@ def cached_features(env, args, model, batch_size, workers, log):
         f"{batch_size * env.world_size}, lr {args.lr:g}"
     )
     if args.knn:
-        options = KnnOptions()
-        num_classes = model.fc.out_features
-        acc = probe.knn_accuracy(train_set, val, num_classes, env, options.k, options.t)
+        options = knn.KnnOptions()
+        share = shard_range(train_set.x.shape[0], env.rank, env.world_size)
+        bank = F.normalize(train_set.x[share.start : share.stop], dim=1)
+        acc = knn.knn_top1(
+            Features(F.normalize(val.x, dim=1), val.y),
+            Features(bank, train_set.y, share.start),
+            model.fc.out_features,
+            options.k,
+            options.t,
+        )
         logger.info(f" * kNN Acc@1 {acc:.2f} (k {options.k}, t {options.t})")
         log.log({"kind": "knn", "knn_acc1": acc, "k": options.k, "t": options.t})
     return train_set, val
 
 
-def save_cached_probe(env, args, model, best, best_acc1, last_fc):
+def save_cached_probe(args, model, optimizer, result):
     """
-    The original's files: model_best.pth.tar with the fc of the best epoch (`best`:
-    its index and fc, or None), checkpoint.pth.tar with the last one (`last_fc`).
-    The optimizer's momentum belongs to the standardised features: the files hold a
-    fresh optimizer over model.fc.
+    The original's files: model_best.pth.tar with the fc of the best epoch,
+    checkpoint.pth.tar with the last one's. The optimizer's momentum belongs to the
+    standardised features: the files hold none, and the learning rate of their epoch.
     """
-    optimizer = torch.optim.SGD(
-        [model.fc.weight, model.fc.bias],
-        args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-    )
-    checkpointer = ckpt.ClassifierCheckpointer(
-        args.output_dir, model, optimizer, arch=args.arch, enabled=env.is_main
-    )
+    optimizer.state.clear()
     last = args.epochs - 1
-    if best is not None:
-        model.fc.load_state_dict(best[1])
-        checkpointer.save(best[0], best_acc1, is_best=True)
-    if best is None or best[0] != last:
-        model.fc.load_state_dict(last_fc)
-        checkpointer.save(last, best_acc1, is_best=False)
+    files = [(*result.best, True)] if result.best else []
+    if result.best is None or result.best[0] != last:
+        files.append((last, result.last, False))
+    for epoch, fc, is_best in files:
+        model.fc.load_state_dict(fc)
+        adjust_learning_rate(optimizer, epoch, args.lr, args.epochs, args.schedule)
+        state = classifier_state(epoch, args.arch, model, optimizer, result.best_acc1)
+        save_checkpoint(state, is_best, args.output_dir)
 
 
 class SanityCheckError(RuntimeError):
@@ -564,7 +543,7 @@ def sanity_check(state_dict, reference, args):
     if reference is None:
         logger.info(f"=> loading '{source}' for sanity check")
         obj = ckpt.load_checkpoint(source, what="sanity-check reference")
-        reference, _ = ckpt.encoder_state_dict(obj, source)
+        reference, _ = encoder_state_dict(obj, source)
     for k, v in backbone_state(state_dict).items():
         if k not in reference:
             if k.endswith("num_batches_tracked"):  # not in files of old torch versions

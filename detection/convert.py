@@ -13,7 +13,7 @@ torchvision: the backbone's state_dict saved with torch.save, for fine-tuning wi
 torchvision or timm. It holds fc.* only when the input's fc is a classifier (a
 linear-classification file or a torchvision state_dict), never MoCo's projection head.
 
-Both read every checkpoint flavour through moco.checkpoint.encoder_state_dict.
+Both read every checkpoint flavour through moco.weights.encoder_state_dict.
 """
 
 import argparse
@@ -25,15 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moco.checkpoint import (
-    ENCODER_PREFIXES,
-    HEAD_PREFIX,
-    CheckpointError,
-    encoder_state_dict,
-    load_checkpoint,
-    save_checkpoint,
-)
+from moco.checkpoint import CheckpointError, load_checkpoint, save_atomically
 from moco.utils import UsageError
+from moco.weights import ENCODER_PREFIXES, HEAD_PREFIX, encoder_state_dict
 
 _NORM = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 # every name of a torchvision ResNet's state_dict but fc.* (ResNeXt, wide ResNet too)
@@ -195,11 +189,11 @@ def main(args):
     if args.format == "detectron2":
         state = to_detectron2(backbone)
         tensors, params = _count(state["model"])
-        save_checkpoint(state, args.output, writer=_write_pickle)
+        save_atomically(state, args.output, writer=_write_pickle)
     else:
         state = to_torchvision(backbone)
         tensors, params = _count(state)
-        save_checkpoint(state, args.output)
+        save_atomically(state, args.output)
 
     head_kept = args.format == "torchvision" and backbone.head_is_classifier
     if backbone.head and not head_kept:

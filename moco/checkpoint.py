@@ -1,9 +1,12 @@
-"""Checkpoint files: crash-safe writing, safe reading, and the key names of every flavour.
+"""Checkpoint files: written crash-safe, read safely; the pretraining checkpoints.
 
 Pretraining files (the original's format): {'epoch', 'arch', 'state_dict', 'optimizer'},
 state_dict keys 'module.encoder_q.*', 'module.encoder_k.*', 'module.queue',
-'module.queue_ptr'. Files are read with torch.load(weights_only=True): tensors, numbers,
-strings, lists, tuples and dicts only, so a crafted file cannot run code.
+'module.queue_ptr'. Every program reads checkpoint files through load_checkpoint:
+torch.load(weights_only=True) (tensors, numbers, strings, lists, tuples and dicts only,
+so a crafted file cannot run code) of files that torch.save wrote; any other file is
+refused in one line that says what it is. Reading the encoder out of every checkpoint
+flavour is moco/weights.py.
 """
 
 import errno
@@ -12,6 +15,8 @@ import pickle
 import random
 import re
 import shutil
+import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
@@ -26,17 +31,7 @@ from moco.distributed import (
     broadcast_object,
 )
 from moco.meters import TrainMeters
-from moco.models import build_encoder
 from moco.utils import UsageError, logger
-
-# prefixes under which a MoCo file holds its query encoder
-ENCODER_PREFIXES = (
-    "module.encoder_q.",  # the original's and this project's pretraining files
-    "encoder_q.",  # a MoCo model saved without DistributedDataParallel
-    "module.base_encoder.",  # MoCo v3 ResNet files
-    "base_encoder.",
-)
-HEAD_PREFIX = "fc."
 
 
 class CheckpointError(UsageError):
@@ -108,10 +103,10 @@ def state_bytes(obj: object) -> int:
     return 0
 
 
-def save_checkpoint(
-    state: dict,
+def save_atomically(
+    state: Any,
     path: str,
-    writer: Callable[[dict, BinaryIO], object] = torch.save,
+    writer: Callable[[Any, BinaryIO], object] = torch.save,
 ) -> None:
     """
     Write `state` to `path` atomically (all of it or nothing). writer(state, file)
@@ -120,8 +115,8 @@ def save_checkpoint(
     _atomic_write(path, lambda f: writer(state, f), state_bytes(state))
 
 
-def copy_checkpoint(src: str, dst: str) -> None:
-    """Copy a checkpoint file as save_checkpoint writes one: all of it or nothing."""
+def copy_atomically(src: str, dst: str) -> None:
+    """Copy the file `src` to `dst` as save_atomically writes one: all of it or nothing."""
 
     def copy(f: BinaryIO) -> None:
         with open(src, "rb") as source:
@@ -152,169 +147,111 @@ def check_output_dir(path: str, flag: str = "--output-dir") -> None:
         raise UsageError(f"{flag} {path!r} cannot be written ({e.strerror})") from None
 
 
-def load_checkpoint(
-    path: str, map_location: str | torch.device = "cpu", what: str = "checkpoint"
-) -> Any:
-    """torch.load(weights_only=True) with one-line errors for every way it can fail."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path!r} does not exist (check the path)")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{what} {path!r} was refused: it holds objects other than tensors, numbers, "
-            f"strings and containers, which could run code when loaded ({first}). "
-            "Load only files you trust"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{what} {path!r} cannot be read ({first}); it is truncated or not a PyTorch "
-            "checkpoint"
-        ) from None
-
-
-def _state_dict_of(obj: Any, path: str) -> dict[str, Any]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return obj["state_dict"]
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return obj["model"]
-    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
-        return obj
-    raise CheckpointError(f"{path!r} holds no state_dict: it is not a model checkpoint")
-
-
-def encoder_state_dict(
-    obj: Any, path: str = "checkpoint", keep_head: bool = False
-) -> tuple[dict[str, torch.Tensor], str]:
-    """
-    The backbone of any checkpoint flavour with torchvision names, without the head
-    `fc.*` unless keep_head; returns (state_dict, the prefix it was found under).
-    Accepts: pretraining files of this project and of the original (module.encoder_q.*),
-    MoCo models saved without DDP (encoder_q.*), MoCo v3 ResNet files
-    (module.base_encoder.*), linear-classification files (module.*) and plain
-    torchvision state_dicts.
-    """
-    state_dict = _state_dict_of(obj, path)
-    for prefix in ENCODER_PREFIXES:
-        if any(k.startswith(prefix) for k in state_dict):
-            break
-    else:
-        if any(
-            re.search(r"(^|\.)(encoder_q|encoder_k|base_encoder|queue)(\.|$)", k)
-            for k in state_dict
-        ):
-            raise CheckpointError(
-                f"{path!r} holds a MoCo model under an unknown prefix; expected one of "
-                + ", ".join(ENCODER_PREFIXES)
-            )
-        # a linear-classification file (module.*) or a plain torchvision state_dict
-        prefix = "module." if all(k.startswith("module.") for k in state_dict) else ""
-    encoder = {
-        k[len(prefix) :]: v
-        for k, v in state_dict.items()
-        if k.startswith(prefix)
-        and (keep_head or not k[len(prefix) :].startswith(HEAD_PREFIX))
-    }
-    if not encoder:
-        raise CheckpointError(f"{path!r} holds no encoder tensors under {prefix!r}")
-    return encoder, prefix
-
-
-def load_encoder(
-    model: nn.Module,
-    path: str,
-    arch: str | None = None,
-    what: str = "--pretrained",
-    obj: Any = None,
-) -> dict[str, torch.Tensor]:
-    """
-    Load the backbone of the checkpoint at `path` (any flavour encoder_state_dict reads)
-    into `model`, a torchvision model whose head `fc` is left as it is. Refuses a file of
-    another architecture, or with missing, extra or differently shaped tensors, with a
-    one-line CheckpointError. Returns the backbone state_dict that was loaded.
-    obj: the file's contents, when the caller has read it already.
-    """
-    if obj is None:
-        obj = load_checkpoint(path, what=what)
-    file_arch = obj.get("arch") if isinstance(obj, dict) else None
-    if arch and isinstance(file_arch, str) and file_arch != arch:
-        raise CheckpointError(
-            f"{what} {path!r} is a {file_arch} checkpoint; got -a {arch}"
-        )
-    state_dict, _ = encoder_state_dict(obj, path)
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
-    # files saved by old torch versions have no BatchNorm step counters; eval ignores them
-    missing = [
-        k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")
-    ]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{what} {path!r} does not hold a {arch or 'matching'} backbone: "
-            f"{len(missing)} tensor(s) missing (e.g. {missing[:2]}), {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:2]}); check -a"
-        )
-    for k, v in state_dict.items():
-        if v.shape != own[k].shape:
-            hint = (
-                " (pretrained with --small-stem? add or drop it)"
-                if k == "conv1.weight"
-                else ""
-            )
-            raise CheckpointError(
-                f"{what} {path!r}: {k} has shape {list(v.shape)}, the model's is "
-                f"{list(own[k].shape)}{hint}; check -a"
-            )
-    result = model.load_state_dict(state_dict, strict=False)
-    head = {k for k in model.state_dict() if k.startswith(HEAD_PREFIX)}
-    assert {
-        k for k in result.missing_keys if not k.endswith("num_batches_tracked")
-    } == head
-    return state_dict
-
-
-# the heads of MoCo v1 (one linear layer) and v2 (--mlp: linear, ReLU, linear)
-MOCO_HEADS = (
-    {"fc.weight", "fc.bias"},
-    {f"fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")},
+# torch.save's legacy format (torch < 1.6, the original's released models) opens with
+# this number, pickled as a long
+LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+# files that are often given by mistake, by their first bytes
+SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\x1f\x8b", "a gzip file (unpack it first)"),
 )
 
 
-def load_encoder_with_head(path: str, arch: str, small_stem: bool = False) -> nn.Module:
-    """The query encoder of a MoCo checkpoint with its head, linear or MLP (--mlp)."""
-    obj = load_checkpoint(path, what="--pretrained")
-    state_dict, _ = encoder_state_dict(obj, path, keep_head=True)
-    head = {k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIX)}
-    if set(head) not in MOCO_HEADS or any(
-        v.dim() != 2 for k, v in head.items() if k.endswith("weight")
-    ):
-        raise CheckpointError(
-            f"{path!r} holds no MoCo v1/v2 head (fc.* is {sorted(head)[:4] or 'absent'}); "
-            "use --knn-features backbone"
-        )
-    model = build_encoder(arch, small_stem=small_stem)
-    load_encoder(model, path, arch, obj=obj)
-    if "fc.weight" in head:
-        out_dim, in_dim = head["fc.weight"].shape
-        model.fc = nn.Linear(in_dim, out_dim)
-    else:
-        hidden, in_dim = head["fc.0.weight"].shape
-        out_dim = head["fc.2.weight"].shape[0]
-        # names as MoCo's: fc.0.* and fc.2.*
-        model.fc = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
-        )
+def _not_a_checkpoint(path: str) -> str | None:
+    """
+    What is wrong with the file at `path`, judged from its first bytes (and a zip
+    archive's list of names), without unpickling anything; None for a file that
+    torch.save may have written: a zip archive holding data.pkl, or the legacy format.
+    """
+    if os.path.isdir(path):
+        return "is a directory, not a checkpoint file"
+    if not os.path.isfile(path):
+        return "does not exist (check the path)"
     try:
-        model.fc.load_state_dict(
-            {k.removeprefix(HEAD_PREFIX): v for k, v in head.items()}
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not head:
+        return "is empty (0 bytes): it is not a PyTorch checkpoint"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "is truncated or damaged: its zip archive cannot be read"
+        if not any(name.endswith("/data.pkl") for name in names):
+            return (
+                "is a zip archive but not a PyTorch checkpoint (it holds no data.pkl, "
+                f"but e.g. {names[:2]})"
+            )
+        if any(name.endswith("/constants.pkl") for name in names):
+            return (
+                "is a TorchScript model (torch.jit.save), not a checkpoint of weights"
+            )
+        return None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        # a pickle (its PROTO opcode)
+        if LEGACY_MAGIC in head[:32]:
+            return None
+        return (
+            "is a pickle but not a PyTorch checkpoint: torch.save did not write it "
+            "(it is left unread)"
         )
-    except RuntimeError:
+    if head[257:262] == b"ustar":  # torch.save's oldest format is a tar archive
+        return None
+    kind = next((kind for sig, kind in SIGNATURES if head.startswith(sig)), None)
+    if kind is None:
+        kind = "a text file" if _is_text(head) else "neither a zip archive nor a pickle"
+    return f"is not a PyTorch checkpoint: it is {kind}"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # a character cut at the end of the sample
+        if e.start < len(head) - 3:
+            return False
+        text = head[: e.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\n\r\f" for c in text)
+
+
+def load_checkpoint(
+    path: str, map_location: str | torch.device = "cpu", what: str = "checkpoint"
+) -> Any:
+    """
+    torch.load(weights_only=True) of a file torch.save wrote; any other file, and one
+    that fails to load, is a one-line CheckpointError that says what it is.
+    """
+    problem = _not_a_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"{what} {path!r} {problem}")
+    try:
+        with warnings.catch_warnings():
+            # e.g. of the pickle protocol: the file is read or refused in one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # whatever a damaged file makes torch raise
+        message = str(e)
+        # the weights-only unpickler's refusal of a name it does not allow
+        if isinstance(e, pickle.UnpicklingError) and "operand" not in message:
+            found = re.search(r"GLOBAL (\S+)", message)
+            holds = f" (here {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{what} {path!r} was refused: it holds objects other than tensors, "
+                f"numbers, strings and containers{holds}, which could run code when "
+                "loaded. Load only files you trust"
+            ) from None
+        # the unpickler's own words, else torch's first line
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", message)
+        lines = message.strip().splitlines()
+        detail = found.group(1) if found else lines[0] if lines else type(e).__name__
         raise CheckpointError(
-            f"{path!r}: its head (fc.*) does not fit -a {arch}"
+            f"{what} {path!r} is truncated or damaged: torch.load fails "
+            f"({detail[:200]})"
         ) from None
-    return model
 
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{4,})\.pth\.tar$")
@@ -431,80 +368,6 @@ def restore(
     return state
 
 
-class ClassifierCheckpointer:
-    """
-    The checkpoints of linear classification in `output_dir`, in the original's
-    format: checkpoint.pth.tar after every epoch (epoch, arch, state_dict,
-    best_acc1, optimizer) and model_best.pth.tar, a copy of the best epoch's.
-    """
-
-    LAST, BEST = "checkpoint.pth.tar", "model_best.pth.tar"
-
-    def __init__(
-        self,
-        output_dir: str,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        arch: str,
-        enabled: bool = True,
-    ) -> None:
-        self.output_dir = output_dir
-        self.model = model
-        self.optimizer = optimizer
-        self.arch = arch
-        self.enabled = enabled
-
-    def save(self, epoch: int, best_acc1: float, is_best: bool) -> None:
-        """After epoch `epoch` (from 0)."""
-        if not self.enabled:
-            return
-        state = model_state(epoch + 1, self.arch, self.model, self.optimizer)
-        state["best_acc1"] = best_acc1
-        path = os.path.join(self.output_dir, self.LAST)
-        save_checkpoint(state, path)
-        if is_best:
-            copy_checkpoint(path, os.path.join(self.output_dir, self.BEST))
-
-    def resume(self, path: str) -> tuple[int, float]:
-        """Load model and optimizer; returns (completed epochs, best Acc@1)."""
-        state = restore(path, self.model, self.optimizer)
-        return state["epoch"], float(state["best_acc1"])
-
-
-def check_classifier_resume(
-    path: str, arch: str, model: nn.Module, hint: str = ""
-) -> None:
-    """
-    Refuse a --resume file that is not a linear classifier of `model` (a fresh one
-    of -a `arch`); hint: what else must match, for the message.
-    """
-    state = load_checkpoint(path, what="--resume checkpoint")
-    sd = state.get("state_dict") if isinstance(state, dict) else None
-    if not isinstance(sd, dict):
-        problem = "no state_dict"
-    else:
-        missing = [k for k in ("epoch", "optimizer", "best_acc1") if k not in state]
-        problem = f"no {missing[0]!r}" if missing else None
-        if problem and any("encoder_q." in k for k in sd):
-            problem += "; a pretraining checkpoint goes to --pretrained"
-    if problem:
-        raise CheckpointError(
-            f"--resume {path!r} is not a checkpoint of main_lincls.py ({problem})"
-        )
-    if state.get("arch", arch) != arch:
-        raise CheckpointError(
-            f"--resume {path!r} is a {state['arch']} model; got -a {arch}"
-        )
-    try:
-        model.load_state_dict(without_module_prefix(sd))  # type: ignore[arg-type]
-    except RuntimeError as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise CheckpointError(
-            f"--resume {path!r} does not fit -a {arch}{hint}: {detail[:200]}"
-        ) from None
-
-
 class Checkpointer:
     """
     The checkpoints of a pretraining run in `output_dir`, in the original's format
@@ -575,7 +438,7 @@ class Checkpointer:
             state["meters"] = meters
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
-        save_checkpoint(state, os.path.join(self.output_dir, name))
+        save_atomically(state, os.path.join(self.output_dir, name))
 
     def resume_if_asked(self, resume: str, start_epoch: int = 0) -> tuple[int, int]:
         """

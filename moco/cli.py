@@ -86,7 +86,11 @@ def add_data_arguments(
     )
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, resume_help: str) -> None:
+def add_training_arguments(
+    parser: argparse.ArgumentParser,
+    resume_help: str,
+    lr_help: str = "initial learning rate (default: %(default)s)",
+) -> None:
     """
     The ImageNet training flags; the script sets the defaults of --epochs, --lr,
     --schedule and --wd with parser.set_defaults, as each of the original's did.
@@ -109,7 +113,7 @@ def add_training_arguments(parser: argparse.ArgumentParser, resume_help: str) ->
         "--learning-rate",
         type=float,
         metavar="LR",
-        help="initial learning rate (default: %(default)s)",
+        help=lr_help,
         dest="lr",
     )
     parser.add_argument(

@@ -346,21 +346,18 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
     return range(n * rank // world_size, n * (rank + 1) // world_size)
 
 
-def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Every process's `tensor` (row counts may differ), concatenated in rank order."""
+def broadcast_shares_(tensor: torch.Tensor) -> torch.Tensor:
+    """
+    Every process's share (shard_range) of the rows of `tensor` written in place on
+    every process, from the process that filled it: each process fills its own share
+    of a tensor of all the rows, and no second copy of them is made.
+    """
     world_size = get_world_size()
-    if world_size == 1:
-        return tensor
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(world_size)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    # all_gather needs equal shapes: pad to the longest share, trim afterwards
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+    for rank in range(world_size if world_size > 1 else 0):
+        share = shard_range(tensor.shape[0], rank, world_size)
+        if len(share):
+            dist.broadcast(tensor[share.start : share.stop], src=rank)
+    return tensor
 
 
 def cleanup() -> None:

@@ -27,23 +27,22 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from moco.data import SeededImageFolder, check_val_folder, load_image
-from moco.distributed import all_gather_rows, get_world_size, shard_range
+from moco.distributed import DistEnv, get_world_size
+from moco.features import Features, backbone, extract
 from moco.loader import eval_transforms
 from moco.utils import UsageError, logger
 
 # similarities computed at once, bounding memory: 2**24 float32 values are 64 MiB
 MAX_SIMILARITIES = 2**24
 QUERY_CHUNK = 1024
-HEADS = ("fc", "classifier", "heads", "head")  # torchvision's names of the last layers
 FEATURES = ("backbone", "head")
 CROPS = ("center", "none")
 
 
-def check_knn_data(data_dir, size=None):
+def check_knn_data(data_dir: str, size: int | None = None) -> int:
     """
     DATA/val (the queries) with the classes of DATA/train (the memory bank; its images
     are checked by the caller). With `size` (--knn-crop none: images as they are), the
@@ -68,7 +67,7 @@ def check_knn_data(data_dir, size=None):
     return n
 
 
-def feature_extractor(encoder, features="backbone"):
+def feature_extractor(encoder: nn.Module, features: str = "backbone") -> nn.Module:
     """
     An eval-mode copy of `encoder` whose output is the kNN features: "backbone" drops
     the head, "head" keeps it (the projection the contrastive loss sees).
@@ -76,40 +75,6 @@ def feature_extractor(encoder, features="backbone"):
     if features == "head":
         return copy.deepcopy(encoder).eval()
     return backbone(encoder)
-
-
-def backbone(encoder):
-    """A copy of `encoder` without its head, in eval mode: its output is the features."""
-    model = copy.deepcopy(encoder)  # of a torch.compile'd module: an eager copy
-    for name in HEADS:
-        if isinstance(getattr(model, name, None), nn.Module):
-            setattr(model, name, nn.Identity())
-            return model.eval()
-    raise UsageError(
-        f"cannot find the head of {type(encoder).__name__} (one of {HEADS})"
-    )
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module, loader: DataLoader, device: torch.device, normalize: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """
-    The outputs of `model` (L2-normalised unless not `normalize`) and the labels over
-    `loader`: [N, D], [N].
-    """
-    model.eval()
-    features, labels = [], []
-    for images, target in loader:
-        out = model(images.to(device, non_blocking=True)).flatten(1).float()
-        features.append(F.normalize(out, dim=1) if normalize else out)
-        labels.append(target.to(device))
-    if not features:  # a process without a share of a tiny set: [0, D] all the same
-        dataset = getattr(loader.dataset, "dataset", loader.dataset)  # under a Subset
-        dim = model(dataset[0][0].unsqueeze(0).to(device)).flatten(1).shape[1]
-        features = [torch.zeros(0, dim, device=device)]
-        labels = [torch.zeros(0, dtype=torch.long, device=device)]
-    return torch.cat(features), torch.cat(labels)
 
 
 def _best_first(sims, index):
@@ -140,7 +105,13 @@ def _merge(a, b, k):
     return sims[:, :k], index[:, :k]
 
 
-def knn_topk(queries, bank, k, offset=0, bank_chunk=None):
+def knn_topk(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    offset: int = 0,
+    bank_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     The k most similar rows of `bank` [N, D] for each of `queries` [B, D], best first:
     similarities and bank indices (+ offset), [B, min(k, N)] each. The bank is taken
@@ -159,7 +130,9 @@ def knn_topk(queries, bank, k, offset=0, bank_chunk=None):
     return best
 
 
-def knn_vote(sims, labels, num_classes, t):
+def knn_vote(
+    sims: torch.Tensor, labels: torch.Tensor, num_classes: int, t: float
+) -> torch.Tensor:
     """Class scores [B, C]: the sum of exp(similarity / t) over a class's neighbours."""
     weights = (sims / t).exp()
     scores = weights.new_zeros(sims.shape[0], num_classes)
@@ -169,21 +142,21 @@ def knn_vote(sims, labels, num_classes, t):
     return scores
 
 
-def rank_classes(scores):
+def rank_classes(scores: torch.Tensor) -> torch.Tensor:
     """Classes from the most to the least likely; of equal scores the lower class first."""
     return scores.sort(dim=1, descending=True, stable=True)[1]
 
 
 def knn_predict(
-    features,
-    bank,
-    bank_labels,
-    num_classes,
-    k=200,
-    t=0.1,
-    query_chunk=QUERY_CHUNK,
-    bank_chunk=None,
-):
+    features: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    t: float = 0.1,
+    query_chunk: int = QUERY_CHUNK,
+    bank_chunk: int | None = None,
+) -> torch.Tensor:
     """
     Weighted kNN on one process: `features` [B, D] and `bank` [N, D] L2-normalised,
     `bank_labels` [N]. Returns the classes ranked for each query, [B, C] (column 0 is
@@ -200,18 +173,21 @@ def knn_predict(
     return torch.cat(ranked)
 
 
-def knn_top1(queries, query_labels, bank, offset, bank_labels, num_classes, k, t):
+def knn_top1(
+    queries: Features, bank: Features, num_classes: int, k: int, t: float
+) -> float:
     """
-    Top-1 accuracy (percent) of the kNN classifier; collective: every process holds all
-    `queries`, its share of `bank` (starting at global index `offset`) and all
-    `bank_labels`, and gets the same figure.
+    Top-1 accuracy (percent) of the kNN classifier, on L2-normalised features.
+    Collective: every process holds all `queries` and its share of the `bank` (with
+    the labels of the whole bank), and gets the same figure.
     """
+    bank_labels = bank.y
     k = min(k, bank_labels.shape[0])
     world_size = get_world_size()
     correct = 0
-    for start in range(0, queries.shape[0], QUERY_CHUNK):
-        chunk = queries[start : start + QUERY_CHUNK]
-        sims, index = knn_topk(chunk, bank, k, offset)
+    for start in range(0, queries.x.shape[0], QUERY_CHUNK):
+        chunk = queries.x[start : start + QUERY_CHUNK]
+        sims, index = knn_topk(chunk, bank.x, k, bank.start)
         if world_size > 1:
             # pad to k candidates (a share may hold fewer samples); padding never wins
             pad = k - sims.shape[1]
@@ -225,22 +201,8 @@ def knn_top1(queries, query_labels, bank, offset, bank_labels, num_classes, k, t
             sims, index = sims[:, :k], index[:, :k]
         scores = knn_vote(sims, bank_labels[index], num_classes, t)
         pred = rank_classes(scores)[:, 0]
-        correct += int((pred == query_labels[start : start + QUERY_CHUNK]).sum())
-    return 100.0 * correct / max(queries.shape[0], 1)
-
-
-def share_loader(dataset, env, batch_size: int, workers: int) -> DataLoader:
-    """This process's contiguous share of `dataset`, in order."""
-    share = Subset(dataset, shard_range(len(dataset), env.rank, env.world_size))
-    return DataLoader(
-        share,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=env.device.type == "cuda",
-        # the loader's own seed: measuring between epochs leaves training's draws alone
-        generator=torch.Generator(),
-    )
+        correct += int((pred == queries.y[start : start + QUERY_CHUNK]).sum())
+    return 100.0 * correct / max(queries.x.shape[0], 1)
 
 
 @dataclass(frozen=True)
@@ -254,14 +216,22 @@ class KnnOptions:
     normalize: str = "imagenet"
     input_size: int = 224
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.k <= 0:
             raise UsageError(f"--knn-k must be positive, got {self.k}")
         if self.t <= 0:
             raise UsageError(f"--knn-t must be positive, got {self.t}")
 
 
-def knn_accuracy(encoder, data_dir, env, options, batch_size, workers, skip_bad=False):
+def knn_accuracy(
+    encoder: nn.Module,
+    data_dir: str,
+    env: DistEnv,
+    options: KnnOptions,
+    batch_size: int,
+    workers: int,
+    skip_bad: bool = False,
+) -> float:
     """
     kNN top-1 accuracy (percent) of `encoder`'s features (see feature_extractor): memory
     bank DATA/train, queries DATA/val, under the validation transform (see
@@ -278,30 +248,16 @@ def knn_accuracy(encoder, data_dir, env, options, batch_size, workers, skip_bad=
     # every query counts: an unreadable one is an error, not skipped
     query_set = SeededImageFolder(os.path.join(data_dir, "val"), transform)
 
-    bank, bank_labels = extract_features(
-        model, share_loader(bank_set, env, batch_size, workers), env.device
+    # each process keeps its share of the bank and searches it for every query
+    bank = extract(
+        model, bank_set, env, batch_size, workers, everywhere=False, normalize=True
     )
-    queries, query_labels = extract_features(
-        model, share_loader(query_set, env, batch_size, workers), env.device
-    )
+    queries = extract(model, query_set, env, batch_size, workers, normalize=True)
     del model
-    offset = shard_range(len(bank_set), env.rank, env.world_size).start
-    bank_labels = all_gather_rows(bank_labels)
-    queries, query_labels = all_gather_rows(queries), all_gather_rows(query_labels)
-    num_classes = len(bank_set.classes)
-    acc = knn_top1(
-        queries,
-        query_labels,
-        bank,
-        offset,
-        bank_labels,
-        num_classes,
-        options.k,
-        options.t,
-    )
+    acc = knn_top1(queries, bank, len(bank_set.classes), options.k, options.t)
     logger.info(
-        f"=> kNN: {bank_labels.shape[0]} bank and {queries.shape[0]} query images, "
-        f"{bank.shape[1]}-d {options.features} features, "
+        f"=> kNN: {bank.y.shape[0]} bank and {queries.y.shape[0]} query images, "
+        f"{bank.x.shape[1]}-d {options.features} features, "
         f"{time.time() - start_time:.1f} s"
     )
     return acc

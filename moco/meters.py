@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moco.distributed import all_reduce_sum
 from moco.utils import logger
 
 
@@ -194,6 +195,61 @@ class TrainMeters:
             "data_share": self.data_time.sum / max(self.batch_time.sum, 1e-9),
             "eta_s": elapsed * (self.epochs - self.epoch - 1),
         }
+
+
+class ValidationMeters(TrainMeters):
+    """
+    The meters of a validation pass: TrainMeters' time, loss and accuracies, shown as
+    the original's validate shows them ('Test: ', no data time).
+    """
+
+    def __init__(self, total: int) -> None:
+        super().__init__(0, total)
+        self.progress = ProgressMeter(
+            total, [self.batch_time, self.losses, self.top1, self.top5], prefix="Test: "
+        )
+
+    def totals(self) -> list[float]:
+        """This process's [top-1 count, top-5 count, loss sum, images]."""
+        # the meters hold percentages of counts
+        return [
+            round(self.top1.sum / 100),
+            round(self.top5.sum / 100),
+            self.losses.sum,
+            self.losses.count,
+        ]
+
+
+def accuracy_report(totals: torch.Tensor, shown: bool = True) -> dict:
+    """
+    The validation figures from this process's float64 [top-1 count, top-5 count,
+    loss sum, images], summed over every process's (collective): ' * Acc@1 .. Acc@5 ..'
+    printed if `shown`, and val_acc1, val_acc5, val_loss and val_images returned.
+    """
+    correct1, correct5, loss_sum, n = all_reduce_sum(totals).tolist()
+    acc1, acc5 = 100.0 * correct1 / max(n, 1), 100.0 * correct5 / max(n, 1)
+    if shown:
+        logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images)")
+    return {
+        "val_acc1": acc1,
+        "val_acc5": acc5,
+        "val_loss": loss_sum / max(n, 1),
+        "val_images": int(n),
+    }
+
+
+def epoch_record(
+    epoch: int, lr: float, train_stats: dict, val_stats: dict, best_acc1: float
+) -> dict:
+    """A linear classifier's `epoch` record: its training and validation figures."""
+    return {
+        "kind": "epoch",
+        "epoch": epoch,
+        "lr": lr,
+        **train_stats,
+        **val_stats,
+        "best_acc1": best_acc1,
+    }
 
 
 class JsonLogger:

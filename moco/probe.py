@@ -5,7 +5,8 @@ one of its 100 epochs. With --cached-features it takes instead:
 1. the backbone's features of every image of DIR/train and DIR/val, extracted once
    under the validation transform (resize, centre crop; no augmentation): each process
    extracts its contiguous share of each set and the shares are gathered, so every
-   process holds all features, N x D float32 values per set;
+   process holds all features, N x D float32 values per set (moco/features.py: no more
+   than that and one batch at any time);
 2. the features standardised with the mean and standard deviation of the training
    features (BatchNorm without affine parameters, statistics of the whole set): the
    scale of raw features differs from encoder to encoder (a random encoder's BatchNorm
@@ -18,30 +19,25 @@ one of its 100 epochs. With --cached-features it takes instead:
 """
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco import knn
 from moco.data import SeededImageFolder
-from moco.distributed import DistEnv, all_gather_rows, get_world_size, shard_range
-from moco.meters import correct_counts
+from moco.distributed import DistEnv, get_world_size, shard_range
+from moco.features import Features, backbone, extract
+from moco.meters import JsonLogger, accuracy_report, correct_counts, epoch_record
+from moco.utils import adjust_learning_rate, logger
 
 # the default --lr on standardised features
 PROBE_LR = 0.01
 # added to the variance (as BatchNorm's eps): a feature that never varies stays 0
 EPS = 1e-6
-
-
-@dataclass
-class Features:
-    """Backbone features of a set of images, [N, D], and their labels, [N]."""
-
-    x: torch.Tensor
-    y: torch.Tensor
 
 
 def share_from_first_process(module: nn.Module) -> None:
@@ -51,23 +47,11 @@ def share_from_first_process(module: nn.Module) -> None:
             dist.broadcast(tensor, src=0)
 
 
-def extract(
-    model: nn.Module, dataset, env: DistEnv, batch_size: int, workers: int
-) -> Features:
-    """
-    `model`'s outputs for every sample of `dataset`, in order, on every process: each
-    process extracts its contiguous share, then the shares are gathered.
-    """
-    loader = knn.share_loader(dataset, env, batch_size, workers)
-    x, y = knn.extract_features(model, loader, env.device, normalize=False)
-    return Features(all_gather_rows(x), all_gather_rows(y))
-
-
 def extract_splits(
     encoder: nn.Module,
     data_dir: str,
     env: DistEnv,
-    transform,
+    transform: Callable[[Any], torch.Tensor],
     batch_size: int,
     workers: int,
     skip_bad: bool = False,
@@ -76,7 +60,7 @@ def extract_splits(
     The backbone features of DATA/train and DATA/val under `transform`, each image once.
     Collective: call it on every process; each gets all features of both sets.
     """
-    model = knn.backbone(encoder).to(env.device)
+    model = backbone(encoder).to(env.device)
     train_set = SeededImageFolder(
         os.path.join(data_dir, "train"), transform, skip_bad=skip_bad
     )
@@ -113,9 +97,14 @@ def fold(fc: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
     return folded
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A shuffled order of `n` samples cut into mini-batches (the last may be smaller)."""
-    return list(torch.randperm(n, generator=generator).split(batch_size))
+def batches(
+    n: int, batch_size: int, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """
+    A shuffled order of `n` samples cut into mini-batches (the last may be smaller),
+    drawn on the host by `generator` and copied to `device` once.
+    """
+    return torch.randperm(n, generator=generator).to(device).split(batch_size)
 
 
 def train_epoch(
@@ -131,8 +120,7 @@ def train_epoch(
     """
     # loss sum, top-1 and top-5 counts: read once, after the epoch
     sums = torch.zeros(3, dtype=torch.float64, device=train.x.device)
-    for index in batches(train.x.shape[0], batch_size, generator):
-        index = index.to(train.x.device)
+    for index in batches(train.x.shape[0], batch_size, generator, train.x.device):
         target = train.y[index]
         output = fc(train.x[index])
         loss = F.cross_entropy(output, target)
@@ -165,20 +153,57 @@ def validation_sums(fc: nn.Linear, val: Features, env: DistEnv) -> torch.Tensor:
     return torch.cat([counts, loss_sum.double().view(1), counts.new_tensor([len(y)])])
 
 
-def knn_accuracy(
+@dataclass
+class ProbeResult:
+    """The best validation Acc@1, the best epoch and its fc, the last epoch's fc."""
+
+    best_acc1: float
+    best: tuple[int, dict[str, torch.Tensor]] | None
+    last: dict[str, torch.Tensor]
+
+
+def fit(
+    fc: nn.Linear,
+    optimizer: torch.optim.Optimizer,
     train: Features,
     val: Features,
-    num_classes: int,
     env: DistEnv,
-    k: int = 200,
-    t: float = 0.1,
-) -> float:
+    *,
+    epochs: int,
+    lr: float,
+    schedule: Sequence[int],
+    batch_size: int,
+    seed: int,
+    print_freq: int,
+    log: JsonLogger,
+) -> ProbeResult:
     """
-    Weighted kNN top-1 accuracy (%) of `val` with `train` as the memory bank, on the
-    L2-normalised features: moco.knn's classifier, each process searching its share
-    of the bank. Collective; every process gets the same figure.
+    The quick probe's epochs: `fc` trained by `optimizer` on `train`'s features,
+    standardised in place, in shuffled mini-batches of `batch_size` (the global
+    batch, the same on every process: `seed`); evaluated on `val` after every epoch,
+    with the report and the `epoch` records of the protocol on images. The classifiers
+    returned have the standardisation folded in: they take raw features.
     """
-    share = shard_range(train.x.shape[0], env.rank, env.world_size)
-    bank = F.normalize(train.x[share.start : share.stop], dim=1)
-    queries = F.normalize(val.x, dim=1)
-    return knn.knn_top1(queries, val.y, bank, share.start, train.y, num_classes, k, t)
+    mean, std = feature_stats(train.x)
+    standardize_(train.x, mean, std)
+    generator = torch.Generator().manual_seed(seed)
+    best_acc1, best = 0.0, None
+    for epoch in range(epochs):
+        epoch_lr = adjust_learning_rate(optimizer, epoch, lr, epochs, schedule)
+        train_stats = train_epoch(fc, optimizer, train, batch_size, generator)
+        shown = epoch % print_freq == 0 or epoch == epochs - 1
+        if shown:
+            logger.info(
+                f"Epoch: [{epoch}] lr {epoch_lr:g} Loss {train_stats['loss']:.4e} "
+                f"Acc@1 {train_stats['acc1']:6.2f} Acc@5 {train_stats['acc5']:6.2f} "
+                "(training features)"
+            )
+        folded = fold(fc, mean, std)
+        val_stats = accuracy_report(validation_sums(folded, val, env), shown)
+        if val_stats["val_acc1"] > best_acc1:
+            best = (epoch, folded.state_dict())
+        best_acc1 = max(val_stats["val_acc1"], best_acc1)
+        log.log(epoch_record(epoch, epoch_lr, train_stats, val_stats, best_acc1))
+    if best is not None:
+        logger.info(f" * best Acc@1 {best_acc1:.3f} (epoch {best[0]})")
+    return ProbeResult(best_acc1, best, folded.state_dict())

@@ -7,14 +7,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import free_port, make_image_folder
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import main_knn
 import main_moco
 from moco import knn
-from moco.checkpoint import load_encoder_with_head
+from moco.distributed import DistEnv
+from moco.features import backbone, extract
 from moco.models import build_encoder
 from moco.utils import UsageError
+from moco.weights import load_encoder_with_head
 
 
 def brute_force_knn(queries, bank, labels, num_classes, k, t):
@@ -106,15 +108,20 @@ def test_ties_go_to_the_lower_bank_index_and_class():
     assert knn.knn_predict(query, bank, labels, 3, k=2, t=0.1)[0].tolist() == [0, 1, 2]
 
 
-def test_extract_features_are_normalised_backbone_outputs():
+def test_extracted_features_are_normalised_backbone_outputs():
     torch.manual_seed(0)
     encoder = build_encoder("resnet18", num_classes=16, small_stem=True)
     images, labels = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
-    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
 
-    features, got_labels = knn.extract_features(
-        knn.backbone(encoder), loader, torch.device("cpu")
+    got = extract(
+        backbone(encoder),
+        TensorDataset(images, labels),
+        DistEnv(),
+        4,
+        0,
+        normalize=True,
     )
+    features, got_labels = got.x, got.y
     # the original is untouched
     assert isinstance(encoder.fc, nn.Linear) and encoder.training
     reference = build_encoder("resnet18", num_classes=16, small_stem=True)

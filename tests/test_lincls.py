@@ -11,6 +11,7 @@ import main_lincls
 import main_moco
 from moco import checkpoint as ckpt
 from moco.utils import UsageError
+from moco.weights import encoder_state_dict, load_encoder
 
 SMALL = ["-a", "resnet18", "--small-stem", "-j", "0"]
 
@@ -120,7 +121,7 @@ def test_linear_probe_trains_only_fc_and_writes_the_originals_checkpoints(
     assert best_file["best_acc1"] == best  # first epoch is the best so far
 
     # every backbone tensor, BatchNorm statistics included, is the pretrained one
-    encoder, _ = ckpt.encoder_state_dict(ckpt.load_checkpoint(path))
+    encoder, _ = encoder_state_dict(ckpt.load_checkpoint(path))
     trained = main_lincls.backbone_state(state["state_dict"])
     assert trained.keys() == encoder.keys()
     assert all(torch.equal(trained[k], encoder[k]) for k in encoder)
@@ -170,7 +171,7 @@ def test_every_checkpoint_flavour_loads_the_same_backbone(pretrained, tmp_path):
     loaded = {}
     for name, file in flavours(path, tmp_path).items():
         model = main_lincls.create_model(args, 3)
-        ckpt.load_encoder(model, file, "resnet18")
+        load_encoder(model, file, "resnet18")
         loaded[name] = main_lincls.backbone_state(model.state_dict())
     reference = loaded.pop("project")
     for name, backbone in loaded.items():
@@ -267,7 +268,7 @@ def test_sanity_check_catches_a_changed_batchnorm_buffer(pretrained, tmp_path):
     data, path = pretrained
     args = lincls_args(data, tmp_path, "--pretrained", path)
     model = main_lincls.create_model(args, 3)
-    ckpt.load_encoder(model, path, "resnet18")
+    load_encoder(model, path, "resnet18")
     with torch.no_grad():
         model.fc.weight.add_(1.0)  # fc is what training changes: allowed
     main_lincls.sanity_check(model.state_dict(), None, args)

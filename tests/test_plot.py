@@ -94,7 +94,7 @@ def test_queue_size_comes_from_the_args_record_else_the_newest_checkpoint(tmp_pa
             "args": {"moco_k": k},
             "state_dict": {"x": torch.zeros(1)},
         }
-        ckpt.save_checkpoint(state, str(tmp_path / f"checkpoint_{epoch:04d}.pth.tar"))
+        ckpt.save_atomically(state, str(tmp_path / f"checkpoint_{epoch:04d}.pth.tar"))
     assert plot.run_args(str(tmp_path), records)["moco_k"] == 32
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import weakref
 
 import pytest
 import torch
@@ -10,13 +11,18 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import free_port, make_image_folder
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.data import TensorDataset
 from torchvision.datasets import ImageFolder
 
 import main_knn
 import main_lincls
 from moco import probe
 from moco.distributed import DistEnv
+from moco.features import Features, extract
 from moco.loader import eval_transforms
+from moco.meters import JsonLogger
 from moco.models import build_encoder
 from moco.utils import UsageError, adjust_learning_rate
 
@@ -118,7 +124,7 @@ def test_probe_training_is_plain_sgd_over_seeded_batches():
     losses = []
     for epoch in range(3):
         adjust_learning_rate(optimizer, epoch, 0.5, 3, [2])
-        stats = probe.train_epoch(fc, optimizer, probe.Features(x, y), 10, generator)
+        stats = probe.train_epoch(fc, optimizer, Features(x, y), 10, generator)
         losses.append(stats["loss"])
     expected = plain_sgd(reference, x, y, 3, 10, 3, 0.5, [2], 1e-4)
     # the same batches (the last one of 7) and updates: identical weights
@@ -212,6 +218,143 @@ def test_cached_probe_equals_brute_force_and_its_files_evaluate_on_images(
     assert records(out, "knn")[0]["knn_acc1"] == knn
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """
+    The bytes of the tensors allocated under it that are still alive (`live`), and
+    their maximum (`peak`): each new storage counted once, until it is freed, however
+    many views share it; the storages an operation was given are not new.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size and key not in given and key not in self.tracked:
+                self.tracked.add(key)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, key, size)
+        return out
+
+    def _freed(self, key, size):
+        self.tracked.discard(key)
+        self.live -= size
+
+
+def extraction_peak(env, n=2000, dim=256, batch_size=8):
+    """
+    (peak, features, batch) bytes of extracting `dim`-d features of n tiny images in
+    batches of batch_size: features and labels as returned; a batch's images, labels
+    and outputs.
+    """
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 2, 2, generator=generator)
+    dataset = TensorDataset(images, torch.randint(0, 4, (n,), generator=generator))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, dim))
+    with LiveTensorBytes() as counter:
+        got = extract(model, dataset, env, batch_size, workers=0)
+    assert got.x.shape == (n, dim) and got.y.shape == (n,)
+    batch = batch_size * (12 * 4 + 8 + dim * 4)
+    return counter.peak, n * dim * 4 + n * 8, batch
+
+
+def test_extraction_peaks_at_the_features_and_a_batch():
+    # every process holds all the features (N x D float32) and labels (N int64) and,
+    # while it extracts, the batch in hand and the one before: no list of batches
+    # beside their concatenation (twice the features)
+    peak, features, batch = extraction_peak(DistEnv())
+    assert features <= peak <= features + 4 * batch
+
+
+def test_the_probe_trains_on_the_features_without_copying_them():
+    torch.manual_seed(0)
+    n, dim = 2000, 256
+    train = Features(torch.randn(n, dim) * 3 + 1, torch.randint(0, 4, (n,)))
+    val = Features(torch.randn(100, dim), torch.randint(0, 4, (100,)))
+    fc = nn.Linear(dim, 4)
+    optimizer = torch.optim.SGD(fc.parameters(), 0.1, momentum=0.9)
+    with LiveTensorBytes() as counter:
+        probe.fit(
+            fc,
+            optimizer,
+            train,
+            val,
+            DistEnv(),
+            epochs=2,
+            lr=0.1,
+            schedule=[1],
+            batch_size=64,
+            seed=0,
+            print_freq=1,
+            log=JsonLogger("unused", enabled=False),
+        )
+    # standardised in place: what training adds (the shuffled order, N int64, a
+    # mini-batch, the classifier and its momentum) is far below the features' size
+    assert counter.peak < n * dim * 4 / 10
+
+
+class HostToDevice(TorchDispatchMode):
+    """
+    Counts the copies from the host to the device, `blocking` and not (the meta
+    device stands in for a GPU: a blocking copy to a GPU waits for it). A copy back
+    to the host gives zeros: meta tensors hold no values.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.blocking = self.non_blocking = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            source, target = args[0].device, kwargs.get("device", args[0].device)
+            if (source.type, target.type) == ("cpu", "meta"):
+                if kwargs.get("non_blocking", False):
+                    self.non_blocking += 1
+                else:
+                    self.blocking += 1
+            if (source.type, target.type) == ("meta", "cpu"):
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype"))
+        return func(*args, **kwargs)
+
+
+def test_extraction_copies_the_labels_to_the_device_once():
+    dataset = TensorDataset(torch.randn(20, 3, 2, 2), torch.randint(0, 4, (20,)))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8)).to("meta")
+    env = DistEnv(device=torch.device("meta"))
+    with HostToDevice() as copies:
+        got = extract(model, dataset, env, batch_size=4, workers=0, normalize=True)
+    assert got.x.shape == (20, 8) and got.y.device.type == "meta"
+    # each of the 5 batches' images without waiting, the labels once at the end
+    assert (copies.non_blocking, copies.blocking) == (5, 1)
+
+
+def test_an_epoch_of_the_probe_copies_its_order_to_the_device_once():
+    train = Features(
+        torch.randn(50, 8, device="meta"), torch.zeros(50, dtype=torch.long).to("meta")
+    )
+    fc = nn.Linear(8, 4).to("meta")
+    optimizer = torch.optim.SGD(fc.parameters(), 0.1, momentum=0.9)
+    with HostToDevice() as copies:
+        probe.train_epoch(fc, optimizer, train, 8, torch.Generator().manual_seed(0))
+    # the shuffled order of 7 mini-batches, drawn on the host: one copy
+    assert copies.blocking == 1
+
+
 def _two_processes(rank, port, data, path, out):
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -231,6 +374,7 @@ def _two_processes(rank, port, data, path, out):
         args = probe_args(data, out, *PROBE, "--pretrained", path)
         best = main_lincls.run(env, args)
         result = {"shared": module.weight, "train": train, "val": val, "best": best}
+        result["peak"] = extraction_peak(env)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -259,6 +403,10 @@ def test_one_and_two_processes_give_the_same_features_and_accuracy(
             torch.testing.assert_close(r[split].x, x)
             assert torch.equal(r[split].y, y)
     assert ranks[0]["best"] == ranks[1]["best"] == best
+    # the shares gathered into the features' own tensor on each process
+    for r in ranks:
+        peak, features, batch = r["peak"]
+        assert features <= peak <= features + 4 * batch
     assert records(two, "knn") == records(one, "knn")
     for a, b in zip(records(two, "epoch"), records(one, "epoch"), strict=True):
         assert (a["val_acc1"], a["val_acc5"], a["val_images"]) == (

@@ -209,7 +209,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(
     tmp_path, monkeypatch
 ):
     path = tmp_path / "checkpoint_0000.pth.tar"
-    ckpt.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, str(path))
+    ckpt.save_atomically({"epoch": 1, "w": torch.ones(3)}, str(path))
 
     def dies_half_way(state, f):
         f.write(b"PK\x03\x04 half a zip file")
@@ -217,7 +217,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(
 
     # one line: the file, the space it needs, the checkpoint --resume auto takes
     with pytest.raises(ckpt.CheckpointError) as e:
-        ckpt.save_checkpoint(
+        ckpt.save_atomically(
             {"epoch": 2, "w": torch.zeros(3)}, str(path), writer=dies_half_way
         )
     message = str(e.value)
