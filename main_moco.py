@@ -35,18 +35,16 @@ from moco.cli import (
 )
 from moco.data import EpochSampler, pretrain_images, queue_warning, require_labels
 from moco.distributed import (
-    PREEMPTED_EXIT_CODE,
-    DistEnv,
-    StopSignal,
+    Launch,
     any_process,
-    barrier,
     cleanup,
     init_distributed,
     launch,
+    per_process,
     shared_seed,
     wrap_ddp,
 )
-from moco.knn import check_knn_data, knn_accuracy
+from moco.knn import KnnOptions, check_knn_data, knn_accuracy
 from moco.loader import AUG_IMPLS, RECIPES, normalization, pretrain_transform
 from moco.meters import JsonLogger, TrainMeters, read_step
 from moco.models import build_encoder, check_arch
@@ -185,13 +183,34 @@ def get_args_parser():
     return parser
 
 
-def recipe(args):
-    """The augmentation recipe: --aug, else v2 with --aug-plus, else v1."""
-    return args.aug or ("v2" if args.aug_plus else "v1")
+@dataclass(frozen=True)
+class Plan:
+    """What the arguments imply, derived once by check_args and read everywhere else."""
+
+    launch: Launch
+    # processes on this node and in the whole run
+    procs_per_node: int
+    world_size: int
+    # this process's share of the node's batch (-b) and loader workers (-j)
+    batch_size: int
+    workers: int
+    # the augmentation recipe: --aug, else v2 with --aug-plus, else v1
+    recipe: str
+    # keys enqueued per step by all processes: the global batch, twice with --symmetric
+    keys_per_step: int
+    # the kNN monitor's options (--knn-freq)
+    knn: KnnOptions
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
 
-def check_args(args):
-    """Refuse impossible settings with one line each, before any data is read."""
+def check_args(args: argparse.Namespace) -> Plan:
+    """
+    Refuse impossible settings with one line each, before any data is read; returns
+    what they imply.
+    """
     check_ranges(
         positive={
             "--epochs": args.epochs,
@@ -217,21 +236,23 @@ def check_args(args):
     if args.aug_plus and args.aug not in (None, "v2"):
         raise UsageError(f"--aug-plus is --aug v2; drop one of it and --aug {args.aug}")
     check_arch(args.arch, args.mlp, args.small_stem)
-    settings = launch_settings(args)
-    settings.check(args.batch_size)
+    launch = launch_settings(args)
+    launch.check(args.batch_size)
     # refuses a --knn-k or --knn-t out of range
-    knn_options(args)
+    knn = knn_options(args)
     if args.knn_freq:
         require_labels(args.data, "the kNN monitor (--knn-freq)")
         check_knn_data(args.data, args.input_size if args.knn_crop == "none" else None)
 
-    per_proc = args.batch_size // settings.processes_per_node()
-    if per_proc % args.bn_splits:
+    procs_per_node = launch.processes_per_node()
+    world_size = launch.total_processes()
+    batch_size, workers = per_process(args.batch_size, args.workers, procs_per_node)
+    if batch_size % args.bn_splits:
         raise UsageError(
-            f"the batch of each process ({per_proc}) does not split into --bn-splits "
-            f"{args.bn_splits} groups"
+            f"the batch of each process ({batch_size}) does not split into "
+            f"--bn-splits {args.bn_splits} groups"
         )
-    keys_per_step = per_proc * settings.total_processes() * (2 if args.symmetric else 1)
+    keys_per_step = batch_size * world_size * (2 if args.symmetric else 1)
     if args.moco_k < keys_per_step:
         raise UsageError(
             f"--moco-k {args.moco_k} is smaller than the {keys_per_step} keys enqueued "
@@ -250,27 +271,33 @@ def check_args(args):
         ckpt.check_pretrain_resume(
             path, args.arch, args.moco_dim, args.moco_k, args.mlp
         )
+    return Plan(
+        launch,
+        procs_per_node,
+        world_size,
+        batch_size,
+        workers,
+        recipe=args.aug or ("v2" if args.aug_plus else "v1"),
+        keys_per_step=keys_per_step,
+        knn=knn,
+    )
 
 
 def main(args):
-    check_args(args)
+    plan = check_args(args)
     images = pretrain_images(args.data, args.train_list)
     n_images = len(images.paths)
-    settings = launch_settings(args)
-    world_size = settings.total_processes()
-    per_proc = args.batch_size // settings.processes_per_node()
-    if math.ceil(n_images / world_size) < per_proc:
+    if math.ceil(n_images / plan.world_size) < plan.batch_size:
         raise UsageError(
-            f"{n_images} training images give no full batch of {per_proc} per process "
-            f"({world_size} processes); use a smaller -b or more images"
+            f"{n_images} training images give no full batch of {plan.batch_size} per "
+            f"process ({plan.world_size} processes); use a smaller -b or more images"
         )
     # the images found here go to every process of this node: listed once
-    return launch(main_worker, settings, args, images)
+    return launch(main_worker, plan.launch, args, plan, images)
 
 
-def main_worker(local_rank, procs_per_node, args, images=None):
-    env = init_distributed(local_rank, procs_per_node, launch_settings(args))
-    batch_size, workers = env.per_process(args.batch_size, args.workers)
+def main_worker(local_rank, procs_per_node, args, plan, images):
+    env = init_distributed(local_rank, procs_per_node, plan.launch)
     seed_everything(args.seed)
 
     # create model
@@ -290,6 +317,17 @@ def main_worker(local_rank, procs_per_node, args, images=None):
     scaler = torch.amp.GradScaler(
         env.device.type, enabled=args.amp and args.amp_dtype == "float16"
     )
+
+    # the epochs' meters and the metric log; the run's arguments first: a record, and
+    # the queue size for the plot's chance line
+    meters = TrainMeters(world_size=env.world_size, epochs=args.epochs)
+    log = JsonLogger(
+        os.path.join(args.output_dir, "log.jsonl"),
+        env.is_main,
+        tensorboard_dir=os.path.join(args.output_dir, "tensorboard"),
+    )
+    log.log({"kind": "args", **vars(args)})
+
     checkpointer = ckpt.Checkpointer(
         args.output_dir,
         model,
@@ -298,72 +336,52 @@ def main_worker(local_rank, procs_per_node, args, images=None):
         arch=args.arch,
         args=vars(args),
         data_seed=shared_seed(args.seed),
+        meters=meters,
         keep_last=args.keep_last,
-        save_freq=args.save_freq,
         enabled=env.is_main,
     )
-
     # optionally resume from a checkpoint
     start_epoch, start_iter = checkpointer.resume_if_asked(
         args.resume, args.start_epoch
     )
-
-    # Data loading code
-    train_loader, augment = create_loader(
-        args, checkpointer.data_seed, env, batch_size, workers, images
-    )
-
-    log = JsonLogger(
-        os.path.join(args.output_dir, "log.jsonl"),
-        env.is_main,
-        tensorboard_dir=os.path.join(args.output_dir, "tensorboard"),
-    )
-    # the run's arguments first: a record, and the queue size for the plot's chance line
-    log.log({"kind": "args", **vars(args)})
-    print_summary(args, env, train_loader)
-
-    run = TrainingRun(
-        env,
-        scaler,
-        torch.autocast(
-            env.device.type, dtype=getattr(torch, args.amp_dtype), enabled=args.amp
-        ),
-        torch.channels_last if args.channels_last else torch.contiguous_format,
-        StopSignal(),
-        checkpointer,
-        log,
-        augment,
-    )
+    # from here on a stop signal ends the run at a step every process agrees on
+    preemption = ckpt.Preemption(checkpointer, args.save_freq)
     try:
+        # Data loading code
+        train_loader, augment = create_loader(
+            args, plan, checkpointer.data_seed, env, images
+        )
+        step = Step(
+            model_ddp,
+            criterion,
+            optimizer,
+            scaler,
+            torch.autocast(
+                env.device.type, dtype=getattr(torch, args.amp_dtype), enabled=args.amp
+            ),
+            torch.channels_last if args.channels_last else torch.contiguous_format,
+            env.device,
+            args.symmetric,
+            augment,
+        )
+        print_summary(args, plan, env, train_loader)
+
         for epoch in range(start_epoch, args.epochs):
             first = start_iter if epoch == start_epoch else 0
-            train_loader.sampler.set_epoch(epoch, start=first * batch_size)
+            train_loader.sampler.set_epoch(epoch, start=first * plan.batch_size)
             adjust_learning_rate(
                 optimizer, epoch, args.lr, args.epochs, args.schedule, args.cos
             )
 
-            # train for one epoch; stop: every process agreed to stop on a signal
-            completed, stop_now = train(
-                train_loader,
-                model_ddp,
-                criterion,
-                optimizer,
-                epoch,
-                args,
-                run=run,
-                first=first,
-            )
-            if completed:
-                checkpointer.save_epoch(epoch)
-            if stop_now:
-                # no process leaves before process 0 has written its checkpoint
-                barrier()
-                raise SystemExit(PREEMPTED_EXIT_CODE)
+            # train for one epoch
+            train(train_loader, step, meters, epoch, args, preemption, log, first)
+            checkpointer.save_epoch(epoch)
+            preemption.after_epoch()
 
             if args.knn_freq and (epoch + 1) % args.knn_freq == 0:
-                knn_monitor(model.encoder_q, args, env, epoch, log)
+                knn_monitor(model.encoder_q, args, plan, env, epoch, log)
     finally:
-        run.stop.restore()
+        preemption.close()
         cleanup()
 
 
@@ -397,18 +415,17 @@ def create_model(args, device):
     return model
 
 
-def create_loader(args, data_seed, env, batch_size, workers, images=None):
+def create_loader(args, plan, data_seed, env, images):
     """
-    Pairs of crops of DIR/train (`images`, else listed here), this process's share, in
-    a resumable order, and None; with --aug-impl batched, the files' bytes and the
-    crops' random draws, and the BatchAugment that makes the crops from them on the
-    device.
+    Pairs of crops of `images`, this process's share, in a resumable order, and None;
+    with --aug-impl batched, the files' bytes and the crops' random draws, and the
+    BatchAugment that makes the crops from them on the device.
     """
     batched = args.aug_impl == "batched"
     if batched:
-        transform = ReadAndSample(recipe(args), args.input_size)
+        transform = ReadAndSample(plan.recipe, args.input_size)
         mean, std = normalization(args.normalize)
-        augment = BatchAugment(recipe(args), args.input_size, mean, std)
+        augment = BatchAugment(plan.recipe, args.input_size, mean, std)
         if env.device.type == "cpu":
             logger.warning(
                 "=> --aug-impl batched on the CPU: the same crops as --aug-impl fast, "
@@ -416,10 +433,9 @@ def create_loader(args, data_seed, env, batch_size, workers, images=None):
             )
     else:
         transform = pretrain_transform(
-            recipe(args), args.input_size, args.aug_impl, args.normalize
+            plan.recipe, args.input_size, args.aug_impl, args.normalize
         )
         augment = None
-    images = images or pretrain_images(args.data, args.train_list)
     logger.info(f"=> {images.layout}")
     train_dataset = images.dataset(
         transform,
@@ -432,9 +448,9 @@ def create_loader(args, data_seed, env, batch_size, workers, images=None):
     )
     loader = torch.utils.data.DataLoader(
         train_dataset,
-        batch_size=batch_size,
+        batch_size=plan.batch_size,
         sampler=train_sampler,
-        num_workers=workers,
+        num_workers=plan.workers,
         pin_memory=env.device.type == "cuda",
         drop_last=True,
         collate_fn=collate if batched else None,
@@ -445,61 +461,68 @@ def create_loader(args, data_seed, env, batch_size, workers, images=None):
 
 
 @dataclass
-class TrainingRun:
-    """What every epoch of a run shares, settled once by main_worker."""
+class Step:
+    """What a training step needs, settled once by main_worker."""
 
-    env: DistEnv
+    # the MoCo model, in DistributedDataParallel with several processes
+    model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     # the precision and memory format of the step
     autocast: torch.autocast
     memory_format: torch.memory_format
-    stop: StopSignal
-    checkpointer: ckpt.Checkpointer
-    log: JsonLogger
+    device: torch.device
+    symmetric: bool = False
     # makes the crops on the device from what the loader gives (--aug-impl batched)
     augment: BatchAugment | None = None
 
     def inputs(self, images):
         """The query and key crops of a batch, on the device in the memory format."""
         if self.augment is not None:
-            images = self.augment(images, self.env.device)
+            images = self.augment(images, self.device)
         return [
-            x.to(self.env.device, non_blocking=True, memory_format=self.memory_format)
+            x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             for x in images
         ]
 
+    def __call__(self, im_q, im_k, stop_requested=False):
+        """train_step with this step's model, optimizer and precision."""
+        return train_step(
+            self.model,
+            self.criterion,
+            self.optimizer,
+            im_q,
+            im_k,
+            scaler=self.scaler,
+            autocast=self.autocast,
+            symmetric=self.symmetric,
+            stop_requested=stop_requested,
+        )
 
-def train(train_loader, model, criterion, optimizer, epoch, args, *, run, first=0):
+
+def train(train_loader, step, meters, epoch, args, preemption, log, first=0):
     """
-    One epoch from step `first`. Returns (whether the epoch was completed, whether to
-    stop); stopped by a signal within the epoch, it has saved where it stopped.
+    One epoch, from step `first` when resumed within it; logs and returns its
+    statistics. A stop that every process agreed on ends the run within it
+    (ckpt.Preemption).
     """
     total = train_loader.sampler.num_samples // train_loader.batch_size
-    sums = run.checkpointer.meters if first else None
-    meters = TrainMeters(epoch, total, first, run.env.world_size, sums)
-    lr = optimizer.param_groups[0]["lr"]
+    meters.start(epoch, total, first)
+    lr = step.optimizer.param_groups[0]["lr"]
 
     # switch to train mode
-    model.train()
+    step.model.train()
 
-    stop = False
     for i, (images, _) in enumerate(train_loader, start=first):
         # measure data loading time
         meters.loaded()
-        im_q, im_k = run.inputs(images)
+        im_q, im_k = step.inputs(images)
 
         # compute output, loss, gradient and SGD step
         try:
-            logits, loss, acc1, acc5, stop = train_step(
-                model,
-                criterion,
-                optimizer,
-                im_q,
-                im_k,
-                scaler=run.scaler,
-                autocast=run.autocast,
-                symmetric=args.symmetric,
-                stop_requested=run.stop.received is not None,
+            _, loss, acc1, acc5, stop = step(
+                im_q, im_k, stop_requested=preemption.requested
             )
         except NonFiniteLossError as e:
             raise e.at(epoch, i, args.output_dir) from None
@@ -507,17 +530,15 @@ def train(train_loader, model, criterion, optimizer, epoch, args, *, run, first=
         # acc1/acc5 are (K+1)-way contrast classifier accuracy
         meters.update(loss, acc1, acc5, im_q.size(0))
         if i % args.print_freq == 0:
-            run.log.log(meters.step_record(i, lr), step=epoch * total + i)
-        if run.checkpointer.after_step(epoch, i + 1, total, stop, meters.sums()):
-            return False, True
-        if stop:
-            break
+            log.log(meters.step_record(i, lr), step=epoch * total + i)
+        preemption.after_step(epoch, i + 1, total, stop)
 
-    run.log.log(meters.epoch_record(lr, args.epochs), step=(epoch + 1) * total)
+    stats = meters.epoch_record(lr)
+    log.log(stats, step=(epoch + 1) * total)
     skipped = int(train_loader.dataset.skipped)
     if skipped:
         logger.warning(f"=> {skipped} unreadable image(s) skipped so far")
-    return True, stop
+    return stats
 
 
 def train_step(
@@ -545,13 +566,18 @@ def train_step(
         # the official demo sums the two directions' mean losses
         loss = loss * 2
 
-    # the step's one host read: the loss, for the flags, and the accuracies
-    loss_value, acc1, acc5 = read_step(loss, output, target)
-    finite = math.isfinite(loss_value)
-    stop, non_finite = any_process([stop_requested, not finite], output.device)
+    # whether any process was asked to stop or has a non-finite loss: agreed on the
+    # device, then read with the loss and the accuracies in the step's one host read
+    flags = torch.stack(
+        [loss.new_full((), float(stop_requested)), (~loss.isfinite()).float()]
+    )
+    loss_value, acc1, acc5, stop, non_finite = read_step(
+        loss, output, target, any_process(flags)
+    )
     if non_finite:
         raise NonFiniteLossError(
-            f"the loss became {loss_value if not finite else 'non-finite elsewhere'}"
+            f"the loss became "
+            f"{loss_value if not math.isfinite(loss_value) else 'non-finite elsewhere'}"
         )
 
     # compute gradient and do SGD step
@@ -559,14 +585,12 @@ def train_step(
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    return output, loss_value, acc1, acc5, stop
+    return output, loss_value, acc1, acc5, bool(stop)
 
 
-def print_summary(args, env, train_loader):
+def print_summary(args, plan, env, train_loader):
     """The derived values users otherwise get wrong, printed once."""
-    batch_size = train_loader.batch_size
-    global_batch = batch_size * env.world_size
-    keys = global_batch * (2 if args.symmetric else 1)
+    keys = plan.keys_per_step
     precision = (
         f"{args.amp_dtype} autocast (logits, queue in float32)"
         if args.amp
@@ -578,14 +602,14 @@ def print_summary(args, env, train_loader):
     wraps = "" if args.moco_k % keys == 0 else " (not a multiple: the enqueue wraps)"
     schedule = "cosine" if args.cos else f"steps at {args.schedule}"
     lines = [
-        f"processes: {env.world_size} ({env.procs_per_node} per node), "
+        f"processes: {plan.world_size} ({plan.procs_per_node} per node), "
         f"device {env.device}",
-        f"batch: {batch_size} per process, {global_batch} global",
+        f"batch: {plan.batch_size} per process, {plan.global_batch} global",
         f"learning rate: {args.lr:g} (linear scaling for this batch: "
-        f"{0.03 * global_batch / 256:g} = 0.03 x {global_batch}/256)",
+        f"{0.03 * plan.global_batch / 256:g} = 0.03 x {plan.global_batch}/256)",
         f"queue: {args.moco_k} keys = {args.moco_k / keys:g} steps of {keys} keys"
         + wraps,
-        f"augmentation: {recipe(args)}, {args.input_size}px crops ({args.aug_impl} "
+        f"augmentation: {plan.recipe}, {args.input_size}px crops ({args.aug_impl} "
         f"code), {args.normalize} normalisation; head: "
         f"{'MLP' if args.mlp else 'linear'}; schedule: {schedule}",
         f"data: {len(train_loader.dataset)} images, {len(train_loader)} steps per "
@@ -601,10 +625,6 @@ def print_summary(args, env, train_loader):
     )
     if warning and env.is_main:
         logger.warning("=> " + warning)
-
-
-# bfloat16 over float32 step time where the CPU emulates bfloat16 (docs/precision.md)
-EMULATED_BF16_SLOWDOWN = 9.8
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -625,24 +645,29 @@ def emulated_amp_warning(args, device):
     return (
         f"--amp on a CPU without native bfloat16 "
         f"({torch.backends.cpu.get_cpu_capability()}): bfloat16 is emulated, a step "
-        f"takes about {EMULATED_BF16_SLOWDOWN:g}x as long as in float32 (ResNet-18 "
-        "measured); drop --amp on this machine"
+        "takes many times as long as in float32 (measured in docs/precision.md); drop "
+        "--amp on this machine"
     )
 
 
-def knn_monitor(encoder, args, env, epoch, log):
+def knn_monitor(encoder, args, plan, env, epoch, log):
     """kNN accuracy of the query encoder, printed and logged."""
-    batch_size, workers = env.per_process(args.batch_size, args.workers)
-    options = knn_options(args)
+    options = plan.knn
     acc = knn_accuracy(
-        encoder, args.data, env, options, batch_size, workers, args.skip_bad_images
+        encoder,
+        args.data,
+        env,
+        options,
+        plan.batch_size,
+        plan.workers,
+        args.skip_bad_images,
     )
     logger.info(
-        f" * kNN Acc@1 {acc:.2f} (epoch {epoch}, {args.knn_features} features, "
-        f"k {args.knn_k}, t {args.knn_t})"
+        f" * kNN Acc@1 {acc:.2f} (epoch {epoch}, {options.features} features, "
+        f"k {options.k}, t {options.t})"
     )
     record = {"kind": "knn", "epoch": epoch, "knn_acc1": acc}
-    log.log({**record, "features": args.knn_features}, step=epoch + 1)
+    log.log({**record, "features": options.features}, step=epoch + 1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Batch (-b) is per process. Input is random; no data loading is timed.
 import argparse
 import copy
 import functools
-import math
 import os
 import statistics
 import sys
@@ -392,8 +391,9 @@ class Bench:
         target = torch.zeros(n, dtype=torch.long, device=dev)
 
         def read_and_flags():
-            loss_value, _, _ = read_step(loss, output, target)
-            any_process([False, not math.isfinite(loss_value)], dev)
+            # as train_step: the flags agreed on the device, read with the loss
+            flags = torch.stack([loss.new_zeros(()), (~loss.isfinite()).float()])
+            read_step(loss, output, target, any_process(flags))
 
         out["accuracy counts, host read, stop flags"] = self.median_time(read_and_flags)
         return out

@@ -24,7 +24,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from moco.distributed import broadcast_object
+from moco.distributed import (
+    PREEMPTED_EXIT_CODE,
+    StopSignal,
+    barrier,
+    broadcast_object,
+)
+from moco.meters import TrainMeters
 from moco.utils import UsageError, logger
 
 
@@ -367,8 +373,8 @@ class Checkpointer:
     The checkpoints of a pretraining run in `output_dir`, in the original's format
     (epoch, arch, state_dict with 'module.' names, optimizer) plus what an exact resume
     needs: the step within the epoch (iter), the random states, the data seed, the
-    gradient scaler, the arguments and, mid-epoch, the epoch's meter sums. Only the
-    process with `enabled` writes.
+    gradient scaler, the arguments and, mid-epoch, the state of the epoch's `meters`.
+    Only the process with `enabled` writes.
     """
 
     def __init__(
@@ -381,8 +387,8 @@ class Checkpointer:
         arch: str,
         args: Mapping[str, Any] | None = None,
         data_seed: int | None = None,
+        meters: TrainMeters | None = None,
         keep_last: int = 0,
-        save_freq: int = 0,
         enabled: bool = True,
     ) -> None:
         self.output_dir = output_dir
@@ -391,13 +397,11 @@ class Checkpointer:
         self.scaler = scaler
         self.arch = arch
         self.args = dict(args or {})
+        self.meters = meters
         self.keep_last = keep_last
-        self.save_freq = save_freq
         self.enabled = enabled
         # the seed of the augmentations; a resumed run takes its file's
         self.data_seed = data_seed
-        # the epoch's meters so far, from a mid-epoch file resumed
-        self.meters: dict = {}
 
     def save_epoch(self, epoch: int) -> None:
         """After epoch `epoch` (from 0): checkpoint_{epoch:04d}.pth.tar holds epoch + 1."""
@@ -410,34 +414,14 @@ class Checkpointer:
             os.remove(last)
         remove_old_checkpoints(self.output_dir, self.keep_last)
 
-    def after_step(
-        self, epoch: int, steps_done: int, total: int, stop: bool, meter_sums: dict
-    ) -> bool:
-        """
-        After `steps_done` of the `total` steps of epoch `epoch`: saves mid-epoch when
-        every process agreed to `stop` or every --save-freq steps; returns whether
-        the run stops within the epoch. A stop at the epoch's last step completes the
-        epoch, which is then saved as every epoch is.
-        """
-        within = steps_done < total
-        if stop:
-            logger.info(
-                f"=> stopped by a signal at epoch {epoch} step {steps_done}; resume "
-                f"with --resume auto --output-dir {self.output_dir}"
-            )
-        if within and (stop or (self.save_freq and steps_done % self.save_freq == 0)):
-            self.save_mid_epoch(epoch, steps_done, meter_sums)
-        return stop and within
-
-    def save_mid_epoch(
-        self, epoch: int, steps_done: int, meter_sums: dict | None = None
-    ) -> None:
+    def save_mid_epoch(self, epoch: int, steps_done: int) -> None:
         """
         Within epoch `epoch`, after `steps_done` of its steps: checkpoint_last, with the
-        sums of the epoch's meters so far, for whole-epoch averages on resume.
+        state of the epoch's meters so far, for whole-epoch averages on resume.
         """
         if self.enabled:
-            self._save(epoch, steps_done, LAST_NAME, meter_sums)
+            meters = self.meters.state_dict() if self.meters is not None else None
+            self._save(epoch, steps_done, LAST_NAME, meters)
 
     def _save(
         self, epoch: int, steps_done: int, name: str, meters: dict | None = None
@@ -477,19 +461,74 @@ class Checkpointer:
 
     def resume(self, path: str) -> tuple[int, int]:
         """
-        Load model, optimizer, scaler, random states and data seed from `path` into
-        the model and optimizer wherever they are; returns (completed epochs, steps
-        done in the next epoch).
+        Load model, optimizer, scaler, random states, data seed and the meters of an
+        epoch stopped within from `path` into the model and optimizer wherever they
+        are; returns (completed epochs, steps done in the next epoch).
         """
         state = restore(path, self.model, self.optimizer)
         # files of the original have neither data seed nor random states
         self.data_seed = state.get("data_seed", self.data_seed)
-        self.meters = state.get("meters", {})
+        if "meters" in state and self.meters is not None:
+            self.meters.load_state_dict(state["meters"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         if "rng" in state:
             set_rng_state(state["rng"])
         return state["epoch"], state.get("iter", 0)
+
+
+class Preemption:
+    """
+    Stopping a pretraining run so that it resumes exactly. SIGTERM or SIGUSR1 (what
+    schedulers send before they preempt a job) sets `requested`; the training step
+    makes every process agree on it, and after that step every process stops: within
+    an epoch process 0 saves checkpoint_last first, at an epoch's last step the epoch
+    is saved as every epoch is (after_epoch); then each exits with status
+    PREEMPTED_EXIT_CODE. Every `save_freq` steps within an epoch it saves too.
+    """
+
+    def __init__(self, checkpointer: Checkpointer, save_freq: int = 0) -> None:
+        self.checkpointer = checkpointer
+        self.save_freq = save_freq
+        self.signal = StopSignal()
+        # every process agreed to stop at an epoch's last step
+        self.stopping = False
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process received a stop signal."""
+        return self.signal.received is not None
+
+    def after_step(self, epoch: int, steps_done: int, total: int, stop: bool) -> None:
+        """
+        After `steps_done` of the `total` steps of epoch `epoch`; stop: every process
+        agreed to stop at this step.
+        """
+        within = steps_done < total
+        if stop:
+            logger.info(
+                f"=> stopped by a signal at epoch {epoch} step {steps_done}; resume "
+                f"with --resume auto --output-dir {self.checkpointer.output_dir}"
+            )
+        if within and (stop or (self.save_freq and steps_done % self.save_freq == 0)):
+            self.checkpointer.save_mid_epoch(epoch, steps_done)
+        if stop and within:
+            self.exit()
+        self.stopping = stop
+
+    def after_epoch(self) -> None:
+        """The epoch is saved: exit if every process agreed to stop at its last step."""
+        if self.stopping:
+            self.exit()
+
+    def exit(self) -> None:
+        # no process leaves before process 0 has written its checkpoint
+        barrier()
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    def close(self) -> None:
+        """Put back the signal handlers that were there before."""
+        self.signal.restore()
 
 
 def get_rng_state() -> dict:

@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +85,7 @@ class Launch:
         n = self.processes_per_node()
         if n < 1:
             raise UsageError(f"--procs-per-node must be positive, got {n}")
-        if gpus and n > gpus:
+        if gpus and n > gpus and not _own_gpu_each(gpus):
             raise UsageError(f"{n} processes per node but only {gpus} GPUs")
         if not _under_torchrun() and self.dist_url != "env://":
             if self.multiprocessing_distributed and self.world_size < 1:
@@ -108,6 +108,14 @@ def _under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def _own_gpu_each(gpus: int) -> bool:
+    """
+    Whether a scheduler shows each process of the node its own GPU: under torchrun,
+    one GPU visible through CUDA_VISIBLE_DEVICES (local_gpu then takes GPU 0).
+    """
+    return _under_torchrun() and gpus == 1 and "CUDA_VISIBLE_DEVICES" in os.environ
+
+
 @dataclass
 class DistEnv:
     """Where this process runs and who else does."""
@@ -128,8 +136,13 @@ class DistEnv:
 
     def per_process(self, batch_size: int, workers: int) -> tuple[int, int]:
         """This process's share of the node's batch (-b) and loader workers (-j)."""
-        n = self.procs_per_node
-        return batch_size // n, (workers + n - 1) // n
+        return per_process(batch_size, workers, self.procs_per_node)
+
+
+def per_process(batch_size: int, workers: int, procs_per_node: int) -> tuple[int, int]:
+    """Each process's share of a node's batch (-b) and loader workers (-j)."""
+    n = procs_per_node
+    return batch_size // n, (workers + n - 1) // n
 
 
 def _spawned_worker(
@@ -299,13 +312,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_process(flags: Sequence[bool], device: torch.device) -> list[bool]:
-    """For each of the booleans `flags`: is it true on any process?"""
-    if get_world_size() == 1:
-        return [bool(f) for f in flags]
-    t = torch.tensor(flags, dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(f) for f in t.tolist()]
+def any_process(flags: torch.Tensor) -> torch.Tensor:
+    """
+    For each of the `flags` (0 or 1): is it set on any process? In place, on their
+    device: nothing waits for the host, which reads the result with its other values.
+    """
+    if get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
 
 
 def broadcast_object(obj: Any) -> Any:

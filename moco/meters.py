@@ -74,61 +74,79 @@ def correct_counts(
 
 
 def read_step(
-    loss: torch.Tensor, output: torch.Tensor, target: torch.Tensor
-) -> tuple[float, float, float]:
+    loss: torch.Tensor,
+    output: torch.Tensor,
+    target: torch.Tensor,
+    flags: torch.Tensor | None = None,
+) -> tuple[float, ...]:
     """
-    (loss, top-1 %, top-5 %) of a step as Python floats, in one host read: on a GPU
-    each read waits for the device, so a step makes one.
+    (loss, top-1 %, top-5 %) of a step as Python floats, then the values of `flags`
+    (a 1-d tensor on the same device) if given, in one host read: on a GPU each read
+    waits for the device, so a step makes one.
     """
     counts = correct_counts(output, target, (1, 5))
-    loss_value, correct1, correct5 = torch.cat(
-        [loss.detach().float().view(1), counts]
-    ).tolist()
+    values = [loss.detach().float().view(1), counts]
+    if flags is not None:
+        values.append(flags.float())
+    loss_value, correct1, correct5, *rest = torch.cat(values).tolist()
     rows = target.size(0)
-    return loss_value, correct1 * 100.0 / rows, correct5 * 100.0 / rows
+    return (loss_value, correct1 * 100.0 / rows, correct5 * 100.0 / rows, *rest)
 
 
 class TrainMeters:
     """
-    The meters of one training epoch (time, data time, loss, Acc@1, Acc@5), its
-    progress lines and its step and epoch records. A resumed epoch's averages go on
-    from the sums a mid-epoch checkpoint kept (`sums`).
+    The meters of a training epoch (time, data time, loss, Acc@1, Acc@5), its progress
+    lines and its step and epoch records. One object serves every epoch of a run: its
+    state (the sums of the averaged meters) is what a mid-epoch checkpoint keeps, and
+    an epoch resumed within goes on from it.
     """
 
     def __init__(
-        self,
-        epoch: int,
-        total: int,
-        first: int = 0,
-        world_size: int = 1,
-        sums: dict | None = None,
+        self, epoch: int = 0, total: int = 0, world_size: int = 1, epochs: int = 1
     ) -> None:
-        self.epoch, self.total, self.first = epoch, total, first
-        self.world_size = world_size
+        # the run's processes and epochs, for its speed and the time left
+        self.world_size, self.epochs = world_size, epochs
         self.batch_time = AverageMeter("Time", ":6.3f")
         self.data_time = AverageMeter("Data", ":6.3f")
         self.losses = AverageMeter("Loss", ":.4e")
         self.top1 = AverageMeter("Acc@1", ":6.2f")
         self.top5 = AverageMeter("Acc@5", ":6.2f")
+        self.start(epoch, total)
+
+    def start(self, epoch: int, total: int, first: int = 0) -> None:
+        """
+        Epoch `epoch` of `total` steps begins at step `first`: from zero, or (first > 0,
+        resumed) from the sums that load_state_dict restored.
+        """
+        self.epoch, self.total, self.first = epoch, total, first
         self.progress = ProgressMeter(
             total,
             [self.batch_time, self.data_time, self.losses, self.top1, self.top5],
             prefix=f"Epoch: [{epoch}]",
         )
-        for meter in self.averaged:
-            if sums and meter.name in sums:
-                meter.load_state(sums[meter.name])
+        for meter in (self.batch_time, self.data_time):
+            meter.reset()
+        if not first:
+            for meter in self.averaged:
+                meter.reset()
         self.images_before = self.losses.count
         self.n = 0  # the last step's samples
-        self.start = self.end = time.time()
+        self.begin = self.end = time.time()
 
     @property
     def averaged(self) -> tuple[AverageMeter, AverageMeter, AverageMeter]:
         """The meters whose sums a mid-epoch checkpoint keeps."""
         return (self.losses, self.top1, self.top5)
 
-    def sums(self) -> dict:
+    def state_dict(self) -> dict:
+        """{meter name: [sum, count]} of the averaged meters."""
         return {meter.name: meter.state() for meter in self.averaged}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on from what state_dict returned (start then keeps it, first > 0)."""
+        for meter in self.averaged:
+            if meter.name in state:
+                meter.load_state(state[meter.name])
 
     def loaded(self) -> None:
         """A batch arrived from the loader."""
@@ -158,12 +176,12 @@ class TrainMeters:
             "lr": lr,
             "images_per_s": self.n * self.world_size / max(self.batch_time.val, 1e-9),
             "data_share": self.data_time.sum / max(self.batch_time.sum, 1e-9),
-            "epoch_eta_s": (self.end - self.start) / done * (self.total - step - 1),
+            "epoch_eta_s": (self.end - self.begin) / done * (self.total - step - 1),
         }
 
-    def epoch_record(self, lr: float, epochs: int) -> dict:
+    def epoch_record(self, lr: float) -> dict:
         """The epoch's averages and speed, as logged after its last step."""
-        elapsed = time.time() - self.start
+        elapsed = time.time() - self.begin
         trained = self.losses.count - self.images_before
         return {
             "kind": "epoch",
@@ -175,7 +193,7 @@ class TrainMeters:
             "epoch_time_s": elapsed,
             "images_per_s": trained * self.world_size / max(elapsed, 1e-9),
             "data_share": self.data_time.sum / max(self.batch_time.sum, 1e-9),
-            "eta_s": elapsed * (epochs - self.epoch - 1),
+            "eta_s": elapsed * (self.epochs - self.epoch - 1),
         }
 
 

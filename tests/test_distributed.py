@@ -14,8 +14,8 @@ from original import OriginalMoCo, original_logits
 from test_builder import images, make_moco
 
 from moco.builder import concat_all_gather
-from moco.distributed import local_gpu, wrap_ddp
-from moco.utils import UsageError
+from moco.distributed import Launch, init_distributed, local_gpu, wrap_ddp
+from moco.utils import UsageError, setup_logging
 
 N = 4  # per process
 WORLD = 2
@@ -210,6 +210,45 @@ def test_each_process_takes_its_own_gpu_or_the_only_one_it_sees(
 def test_a_process_that_sees_neither_its_gpu_nor_one_gpu_is_refused():
     with pytest.raises(UsageError, match="sees 2 GPUs"):
         local_gpu(3, 2)
+
+
+def test_torchrun_with_each_process_shown_its_own_gpu_runs_one_process_per_gpu(
+    monkeypatch,
+):
+    # torchrun, 4 processes on this node; a scheduler shows each process one GPU of
+    # its own through CUDA_VISIBLE_DEVICES, so torch sees 1 GPU in each
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}
+    for name, value in {**torchrun, "LOCAL_WORLD_SIZE": "4"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    used = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: used.update(device=d))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: used.update(kw))
+    settings = Launch()  # the launch flags' defaults, as `torchrun main_moco.py DATA`
+    settings.check(batch_size=256)  # accepted: 64 images a process
+    assert (settings.processes_per_node(), settings.total_processes()) == (4, 4)
+    try:
+        env = init_distributed(3, settings.processes_per_node(), settings)
+    finally:
+        setup_logging(0)  # as this process logged before
+    # process 3 of the node takes the one GPU it sees, in a group of 4 over NCCL
+    assert env.device == torch.device("cuda", 0) and used["device"] == env.device
+    assert (env.rank, env.world_size, env.local_rank) == (3, 4, 3)
+    assert (used["rank"], used["world_size"], used["backend"]) == (3, 4, "nccl")
+    assert used["init_method"] == "env://"
+    # the same node without CUDA_VISIBLE_DEVICES has one GPU for 4 processes
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(UsageError, match="4 processes per node but only 1 GPUs"):
+        settings.check(batch_size=256)
+    # spawned processes share their parent's CUDA_VISIBLE_DEVICES: one GPU for two
+    for name in torchrun:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    spawned = Launch(multiprocessing_distributed=True, procs_per_node=2, world_size=1)
+    with pytest.raises(UsageError, match="2 processes per node but only 1 GPUs"):
+        spawned.check(batch_size=256)
 
 
 def test_each_test_worker_draws_its_ports_from_its_own_block(monkeypatch):

@@ -19,12 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import REPO, free_port, load, moco_args, run_moco
 from original import OriginalMoCo, original_copy
+from syncs import SyncCounter
 from test_builder import images, make_moco
 
 from main_moco import train_step
 from moco.builder import MoCo
 from moco.distributed import wrap_ddp
-from moco.utils import UsageError
+from moco.utils import NonFiniteLossError, UsageError
 
 
 def train_steps(model, steps, n, seed, ddp=None):
@@ -47,6 +48,33 @@ def train_steps(model, steps, n, seed, ddp=None):
         )[0]
         out.append(logits.detach())
     return out
+
+
+def step_syncs(model, ddp=None, seed=0):
+    """What one train_step would make the host wait for on a GPU (tests/syncs.py)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    with SyncCounter(model, opt) as syncs:
+        for _ in range(2):  # the second with the optimizer's momentum buffers
+            syncs.events.clear()
+            im_q, im_k = images(4, seed), images(4, seed + 1)
+            syncs.on_device(im_q, im_k)
+            train_step(
+                ddp or model,
+                nn.CrossEntropyLoss(),
+                opt,
+                im_q,
+                im_k,
+                scaler=torch.amp.GradScaler("cpu", enabled=False),
+                autocast=torch.autocast("cpu", enabled=False),
+                symmetric=model.symmetric,
+            )
+    return syncs.events
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_training_step_on_one_process_waits_once_for_its_values(symmetric):
+    # the loss, the accuracies and the stop and non-finite flags, read together
+    assert step_syncs(make_moco(symmetric=symmetric)) == ["read: tolist"]
 
 
 def assert_same_model(a, b):
@@ -150,6 +178,37 @@ def _two_process_worker(rank, port):
         queues = [torch.empty_like(model.queue) for _ in range(WORLD)]
         all_gather(queues, model.queue)
         assert torch.equal(queues[0], queues[1])
+
+        # the permutation's trip to the host for the all-to-all's split sizes, and the
+        # step's one read, which holds every process's stop and non-finite flags
+        assert step_syncs(model, ddp, seed=70 + rank) == ["read: cpu", "read: tolist"]
+
+        # a stop signal or a non-finite loss on one process stops both at this step
+        def step(criterion=F.cross_entropy, stop_requested=False):
+            return train_step(
+                ddp,
+                criterion,
+                opt,
+                images(N, 50 + rank),
+                images(N, 60 + rank),
+                scaler=torch.amp.GradScaler("cpu", enabled=False),
+                autocast=torch.autocast("cpu", enabled=False),
+                stop_requested=stop_requested,
+            )[4]
+
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        assert step(stop_requested=rank == 1) and not step()
+        weights = [p.clone() for p in model.encoder_q.parameters()]
+
+        def nan_on_process_1(output, target):
+            loss = F.cross_entropy(output, target)
+            return loss * float("nan") if rank == 1 else loss
+
+        elsewhere = "non-finite elsewhere" if rank == 0 else "the loss became nan"
+        with pytest.raises(NonFiniteLossError, match=elsewhere):
+            step(nan_on_process_1)
+        # stopped before the update, on both
+        assert all(map(torch.equal, weights, model.encoder_q.parameters()))
     finally:
         dist.destroy_process_group()
 

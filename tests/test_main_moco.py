@@ -14,6 +14,7 @@ from conftest import (
     free_port,
     load,
     make_image_folder,
+    moco_args,
     run_moco,
     script,
 )
@@ -82,8 +83,43 @@ def test_symmetric_and_bn_splits_train(image_folder, tmp_path, capsys):
     assert "module.encoder_q.bn1.running_mean" in ckpt["state_dict"]
 
 
-def test_startup_summary_prints_derived_values(image_folder, tmp_path, capsys):
-    run_moco(image_folder, tmp_path, "--lr", "0.06")
+def test_check_args_returns_the_values_the_arguments_imply(image_folder, tmp_path):
+    import main_moco
+
+    two = ["--multiprocessing-distributed", "--world-size", "1", "--rank", "0"]
+    args = moco_args(
+        image_folder, tmp_path, *two, "--procs-per-node", "2", "-j", "3", "--aug-plus"
+    )
+    plan = main_moco.check_args(args)
+    # -b 8 and -j 3 of the node over its 2 processes; workers rounded up
+    assert (plan.procs_per_node, plan.world_size) == (2, 2)
+    assert (plan.batch_size, plan.workers, plan.global_batch) == (4, 2, 8)
+    assert plan.recipe == "v2" and plan.keys_per_step == 8
+    assert plan.launch.procs_per_node == 2 and plan.knn.k == 200
+    args = moco_args(image_folder, tmp_path, "--symmetric", "--aug", "cifar10")
+    plan = main_moco.check_args(args)
+    assert (plan.world_size, plan.batch_size, plan.keys_per_step) == (1, 8, 16)
+    assert plan.recipe == "cifar10"
+
+
+def test_startup_summary_prints_derived_values(
+    image_folder, tmp_path, capsys, monkeypatch
+):
+    import main_moco
+
+    # the launch settings, the shares of batch and workers and the kNN options are
+    # derived once for the run
+    calls = []
+    for name in ("launch_settings", "per_process", "knn_options"):
+        real = getattr(main_moco, name)
+
+        def counted(*a, real=real, name=name):
+            calls.append(name)
+            return real(*a)
+
+        monkeypatch.setattr(main_moco, name, counted)
+    run_moco(image_folder, tmp_path, "--lr", "0.06", "--knn-freq", "1")
+    assert sorted(calls) == ["knn_options", "launch_settings", "per_process"]
     out = capsys.readouterr().out
     assert "processes: 1 (1 per node), device cpu" in out
     assert "batch: 8 per process, 8 global" in out
@@ -125,7 +161,9 @@ def test_amp_on_a_cpu_that_emulates_bfloat16_is_named_a_slow_choice(monkeypatch)
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     warning = main_moco.emulated_amp_warning(args, cpu)
-    assert "without native bfloat16 (AVX2)" in warning and "x as long" in warning
+    assert "without native bfloat16 (AVX2)" in warning
+    # the figure is the docs' measurement, not a constant here
+    assert "many times as long" in warning and "docs/precision.md" in warning
     assert main_moco.emulated_amp_warning(args, torch.device("cuda")) is None
     args.amp = False
     assert main_moco.emulated_amp_warning(args, cpu) is None

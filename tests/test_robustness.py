@@ -317,6 +317,41 @@ def test_a_non_finite_loss_in_a_spawned_process_ends_in_one_line(capfd):
     assert capfd.readouterr().err == "error: the loss became nan at epoch 0 step 2\n"
 
 
+def test_preemption_saves_every_save_freq_steps_and_after_a_stop_exits_75():
+    saved = []
+
+    class Saver:
+        output_dir = "out"
+
+        def save_mid_epoch(self, epoch, steps_done):
+            saved.append((epoch, steps_done))
+
+    before = signal.getsignal(signal.SIGTERM)
+    preemption = ckpt.Preemption(Saver(), save_freq=2)
+    try:
+        assert not preemption.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.requested  # caught: the run goes on to the agreed step
+        # epoch 0 of 5 steps: saved after steps 2 and 4, the epoch's own file after 5
+        for steps_done in range(1, 6):
+            preemption.after_step(0, steps_done, 5, stop=False)
+        preemption.after_epoch()
+        assert saved == [(0, 2), (0, 4)]
+        # a stop agreed at the last step: the epoch is saved as every epoch, then exit
+        preemption.after_step(1, 5, 5, stop=True)
+        assert saved == [(0, 2), (0, 4)]
+        with pytest.raises(SystemExit) as e:
+            preemption.after_epoch()
+        assert e.value.code == 75
+        # within an epoch: saved where it stopped, then exit
+        with pytest.raises(SystemExit) as e:
+            preemption.after_step(2, 3, 5, stop=True)
+        assert e.value.code == 75 and saved[-1] == (2, 3)
+    finally:
+        preemption.close()
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 class StopAtStep:
     """A StopSignal whose signal arrives during the given step (counted from 1)."""
 
@@ -338,7 +373,7 @@ def test_a_signal_at_an_epochs_last_step_saves_the_epoch_and_resumes_after_it(
     run_moco(image_folder, tmp_path / "whole", epochs=EPOCHS)
     out = tmp_path / "stopped"
     # 3 steps an epoch: the signal comes during the first epoch's last step
-    monkeypatch.setattr(main_moco, "StopSignal", lambda: StopAtStep(3))
+    monkeypatch.setattr(ckpt, "StopSignal", lambda: StopAtStep(3))
     with pytest.raises(SystemExit) as e:
         run_moco(image_folder, out, epochs=EPOCHS)
     assert e.value.code == 75
