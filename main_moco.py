@@ -616,6 +616,8 @@ def print_summary(args, plan, env, train_loader):
         f"epoch; precision: {precision}",
         f"output: {os.path.abspath(args.output_dir)}",
     ]
+    if env.slurm:
+        lines.insert(1, env.slurm)
     for line in lines:
         logger.info("=> " + line)
     if slow and env.is_main:

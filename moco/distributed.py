@@ -6,6 +6,8 @@ Launch modes (one code path all programs share):
   --dist-url tcp://HOST:PORT`, one process per GPU (or `--procs-per-node` CPU processes)
 - torchrun / `--dist-url env://`: RANK, WORLD_SIZE and LOCAL_RANK from the environment
 - `--world-size W --rank R --dist-url ...` without spawning: one process per node
+- srun (SLURM): a task per process, or with --multiprocessing-distributed a task per
+  node; ranks, sizes and the rendezvous from SLURM's environment (moco/slurm.py)
 `-b` is the batch of one node, split evenly over that node's processes.
 """
 
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moco.slurm import SlurmTask, slurm_task
 from moco.utils import ONE_LINE_ERRORS, UsageError, logger, one_line, setup_logging
 
 # EX_TEMPFAIL: stopped on a signal after a checkpoint; resume it
@@ -43,9 +46,15 @@ class Launch:
     dist_timeout: int = 1800
 
     def processes_per_node(self) -> int:
-        """Processes this node runs: LOCAL_WORLD_SIZE under torchrun, else one per GPU."""
+        """
+        Processes this node runs: LOCAL_WORLD_SIZE under torchrun, its srun tasks,
+        else one per GPU.
+        """
         if _under_torchrun():
             return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        task = slurm_task()
+        if task and not self.multiprocessing_distributed:
+            return task.tasks_per_node
         if not self.multiprocessing_distributed:
             return 1
         if self.procs_per_node:
@@ -56,10 +65,19 @@ class Launch:
         """The world size this launch will have."""
         if _under_torchrun():
             return int(os.environ["WORLD_SIZE"])
-        return self._nodes_and_node_rank()[0] * self.processes_per_node()
+        launchers = self._launchers()[0]
+        if not self.multiprocessing_distributed:
+            return launchers
+        return launchers * self.processes_per_node()
 
-    def _nodes_and_node_rank(self) -> tuple[int, int]:
-        """Number of nodes and this node's rank, from the flags or (env://) the env."""
+    def _launchers(self) -> tuple[int, int]:
+        """
+        The processes that start this launch (one per node: --world-size, or with
+        env:// WORLD_SIZE; under srun its tasks) and this one's rank among them.
+        """
+        task = slurm_task()
+        if task:
+            return task.tasks, task.rank
         nodes, node_rank = self.world_size, self.rank
         if self.dist_url == "env://":
             nodes = nodes if nodes > 0 else int(os.environ.get("WORLD_SIZE", 1))
@@ -68,6 +86,7 @@ class Launch:
 
     def check(self, batch_size: int) -> None:
         """Refuse impossible launch settings before any process starts."""
+        check_slurm(self)
         if _under_torchrun() and self.multiprocessing_distributed:
             raise UsageError(
                 "torchrun already starts one process per GPU: "
@@ -87,7 +106,7 @@ class Launch:
             raise UsageError(f"--procs-per-node must be positive, got {n}")
         if gpus and n > gpus and not _own_gpu_each(gpus):
             raise UsageError(f"{n} processes per node but only {gpus} GPUs")
-        if not _under_torchrun() and self.dist_url != "env://":
+        if not _under_torchrun() and not slurm_task() and self.dist_url != "env://":
             if self.multiprocessing_distributed and self.world_size < 1:
                 raise UsageError(
                     "--multiprocessing-distributed needs --world-size (number of nodes)"
@@ -110,10 +129,55 @@ def _under_torchrun() -> bool:
 
 def _own_gpu_each(gpus: int) -> bool:
     """
-    Whether a scheduler shows each process of the node its own GPU: under torchrun,
-    one GPU visible through CUDA_VISIBLE_DEVICES (local_gpu then takes GPU 0).
+    Whether a scheduler shows each process of the node its own GPU: under torchrun or
+    srun, one GPU visible through CUDA_VISIBLE_DEVICES (local_gpu then takes GPU 0).
     """
-    return _under_torchrun() and gpus == 1 and "CUDA_VISIBLE_DEVICES" in os.environ
+    launched = _under_torchrun() or slurm_task() is not None
+    return launched and gpus == 1 and "CUDA_VISIBLE_DEVICES" in os.environ
+
+
+def check_slurm(settings: Launch) -> None:
+    """Refuse launch flags that contradict what srun told this task."""
+    task = slurm_task()
+    if task is None or _under_torchrun():
+        return
+    if settings.multiprocessing_distributed and task.tasks_per_node > 1:
+        raise UsageError(
+            f"srun started {task.tasks_per_node} tasks on this node and "
+            "--multiprocessing-distributed would spawn processes in each: use "
+            "--ntasks-per-node=1 with it, or drop it for a task per process"
+        )
+    for flag, given, slurm, name in (
+        ("--rank", settings.rank, task.rank, "SLURM_PROCID"),
+        ("--world-size", settings.world_size, task.tasks, "SLURM_STEP_NUM_TASKS"),
+    ):
+        if given >= 0 and given != slurm:
+            raise UsageError(
+                f"{flag} {given} disagrees with srun's {name} {slurm}; drop {flag} "
+                "under srun"
+            )
+    slurm_rendezvous(settings, task)
+
+
+def slurm_rendezvous(settings: Launch, task: SlurmTask) -> tuple[str, str]:
+    """
+    The address where an srun launch meets (--dist-url where given) and the start-up
+    summary's line saying what was taken from SLURM.
+    """
+    if settings.dist_url != Launch.dist_url:
+        url, source = settings.dist_url, "--dist-url"
+    else:
+        url, source = task.rendezvous()
+    spawned = (
+        f", each spawning {settings.processes_per_node()} processes"
+        if settings.multiprocessing_distributed
+        else ""
+    )
+    requeued = f" (requeued {task.restarts}x)" if task.restarts else ""
+    return url, (
+        f"slurm: job {task.job_id}{requeued}, task {task.rank} of {task.tasks}, "
+        f"{task.tasks_per_node} per node{spawned}; rendezvous {url} ({source})"
+    )
 
 
 @dataclass
@@ -125,6 +189,8 @@ class DistEnv:
     local_rank: int = 0
     procs_per_node: int = 1
     device: torch.device = torch.device("cpu")
+    # what the launch took from SLURM, for the start-up summary (None outside srun)
+    slurm: str | None = None
 
     @property
     def distributed(self) -> bool:
@@ -161,7 +227,10 @@ def launch(main_worker: Callable[..., Any], settings: Launch, *args: Any) -> Any
         local_rank = int(os.environ["LOCAL_RANK"])
         return main_worker(local_rank, settings.processes_per_node(), *args)
     if not settings.multiprocessing_distributed:
-        return main_worker(None, 1, *args)
+        task = slurm_task()
+        return main_worker(
+            task.local_rank if task else None, settings.processes_per_node(), *args
+        )
     nprocs = settings.processes_per_node()
     context = mp.spawn(
         _spawned_worker, nprocs=nprocs, args=(main_worker, nprocs, args), join=False
@@ -202,14 +271,20 @@ def init_distributed(
     Join the process group of this launch mode and log as this process's rank does;
     returns where this process runs.
     """
-    url = settings.dist_url
+    url, slurm = settings.dist_url, None
     if _under_torchrun():
         url = "env://"
         world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     else:
-        nodes, node_rank = settings._nodes_and_node_rank()
-        world_size = nodes * procs_per_node
-        rank = node_rank * procs_per_node + (local_rank or 0)
+        task = slurm_task()
+        if task:
+            url, slurm = slurm_rendezvous(settings, task)
+        launchers, launcher_rank = settings._launchers()
+        if settings.multiprocessing_distributed:
+            world_size = launchers * procs_per_node
+            rank = launcher_rank * procs_per_node + (local_rank or 0)
+        else:
+            world_size, rank = launchers, launcher_rank
     local_rank = local_rank or 0
 
     if torch.cuda.is_available():
@@ -237,7 +312,7 @@ def init_distributed(
             timeout=datetime.timedelta(seconds=settings.dist_timeout),
         )
     setup_logging(rank)
-    return DistEnv(rank, world_size, local_rank, procs_per_node, device)
+    return DistEnv(rank, world_size, local_rank, procs_per_node, device, slurm)
 
 
 def local_gpu(local_rank: int, visible: int | None = None) -> int:

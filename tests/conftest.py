@@ -1,5 +1,8 @@
+import contextlib
+import fcntl
 import os
 import random
+import shutil
 import socket
 
 import numpy as np
@@ -131,3 +134,66 @@ def assert_same_state(a, b):
                 i,
                 k,
             )
+
+
+@contextlib.contextmanager
+def session_folder(tmp_path_factory, name):
+    """
+    A folder of this test session that its pytest-xdist workers share, held by one
+    worker at a time (with plain pytest, a folder of the session's own).
+    """
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        # above each worker's folder: the session's
+        base = base.parent
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield base / name
+
+
+RESUME_EPOCHS = 2  # 3 steps an epoch on the 24-image folder
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory):
+    """
+    The uninterrupted seeded run of TINY on 2 processes (--multiprocessing-distributed,
+    one checkpoint a step) that the tests of stopped and resumed 2-process runs compare
+    with: its data folder, output folder and output. Made once per test session.
+    """
+    with session_folder(tmp_path_factory, "two_process_run") as root:
+        if not (root / "output.txt").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            data = make_image_folder(root / "data")
+            run = script(
+                "main_moco.py",
+                data,
+                *TINY,
+                "--epochs",
+                RESUME_EPOCHS,
+                "--output-dir",
+                root / "out",
+                "--save-freq",
+                "1",
+                *spawn_flags(2),
+            )
+            assert run.returncode == 0, run.stdout + run.stderr
+            (root / "output.txt").write_text(run.stdout + run.stderr)
+    return str(root / "data"), root / "out", (root / "output.txt").read_text()
+
+
+def spawn_flags(procs):
+    """The flags that spawn `procs` CPU processes on this machine, the original's way."""
+    return [
+        "--multiprocessing-distributed",
+        "--procs-per-node",
+        str(procs),
+        "--world-size",
+        "1",
+        "--rank",
+        "0",
+        "--dist-url",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--dist-timeout",
+        "60",
+    ]

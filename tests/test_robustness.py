@@ -14,12 +14,13 @@ import torch
 from conftest import (
     PYTHON,
     REPO,
+    RESUME_EPOCHS,
     TINY,
     assert_same_state,
-    free_port,
     load,
     moco_args,
     run_moco,
+    spawn_flags,
 )
 
 import main_moco
@@ -27,7 +28,7 @@ from moco import checkpoint as ckpt
 from moco.cli import run_cli
 from moco.utils import NonFiniteLossError, UsageError
 
-EPOCHS = 2  # 3 steps an epoch on the 24-image folder
+EPOCHS = RESUME_EPOCHS  # 3 steps an epoch on the 24-image folder
 
 
 def start(data, out, *extra, procs=1):
@@ -46,19 +47,7 @@ def start(data, out, *extra, procs=1):
         *map(str, extra),
     ]
     if procs > 1:
-        argv += [
-            "--multiprocessing-distributed",
-            "--procs-per-node",
-            str(procs),
-            "--world-size",
-            "1",
-            "--rank",
-            "0",
-            "--dist-url",
-            f"tcp://127.0.0.1:{free_port()}",
-            "--dist-timeout",
-            "60",
-        ]
+        argv += spawn_flags(procs)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         argv,
@@ -114,22 +103,18 @@ def kill_one_rank(proc):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, two_process_run):
     """Uninterrupted seeded runs with 1 process (in this one, with the options of
     `start`) and 2: final state, epoch averages; the 2-process run's output."""
-    from conftest import make_image_folder
-
-    root = tmp_path_factory.mktemp("ref")
-    data = make_image_folder(root / "data")
-    run_moco(data, root / "out1", "--save-freq", "1", epochs=EPOCHS)
-    code, output = finish(start(data, root / "out2", procs=2))
-    assert code == 0, output
+    data, out2, output = two_process_run
+    out1 = tmp_path_factory.mktemp("ref") / "out1"
+    run_moco(data, out1, "--save-freq", "1", epochs=EPOCHS)
     runs = {
         procs: (
-            load(root / f"out{procs}" / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"),
-            epoch_averages(root / f"out{procs}"),
+            load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"),
+            epoch_averages(out),
         )
-        for procs in (1, 2)
+        for procs, out in ((1, out1), (2, out2))
     }
     return data, runs, output
 
