@@ -38,6 +38,7 @@ from moco.distributed import (
     Launch,
     any_process,
     cleanup,
+    ignore_stop_signals,
     init_distributed,
     launch,
     per_process,
@@ -456,6 +457,7 @@ def create_loader(args, plan, data_seed, env, images):
         collate_fn=collate if batched else None,
         # the loader's own seed does not touch torch's state
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
     return loader, augment
 

@@ -465,3 +465,13 @@ class StopSignal:
                 f"=> received {signal.Signals(signum).name}: stopping after this step"
             )
         self.received = signum
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """
+    A DataLoader worker's init: the training process alone acts on SIGTERM and
+    SIGUSR1. SLURM signals every process of a task, loader workers included, and a
+    worker killed by one would end the run before it saves.
+    """
+    for signum in StopSignal.SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

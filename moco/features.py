@@ -16,7 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from moco.distributed import DistEnv, broadcast_shares_, shard_range
+from moco.distributed import (
+    DistEnv,
+    broadcast_shares_,
+    ignore_stop_signals,
+    shard_range,
+)
 from moco.utils import UsageError
 
 HEADS = ("fc", "classifier", "heads", "head")  # torchvision's names of the last layers
@@ -59,6 +64,7 @@ def share_loader(
         pin_memory=env.device.type == "cuda",
         # the loader's own seed: measuring between epochs leaves training's draws alone
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
 
 

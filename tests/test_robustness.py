@@ -190,6 +190,26 @@ def test_sigterm_then_a_dead_rank_then_resume_auto_on_two_processes_is_exact(
     assert epoch_averages(out) == averages
 
 
+def test_sigterm_to_every_process_with_loader_workers_saves_and_resumes_exactly(
+    reference, tmp_path
+):
+    # as SLURM at a time limit or a preemption: the signal reaches every process of
+    # the task, the loader workers too, which must not end the run before it saves
+    data, runs, _ = reference
+    out = tmp_path / "out"
+    proc = start(data, out, "-j", "2")
+    wait_for_line(proc, "Epoch: [0][0/3]")
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, text = finish(proc)
+    assert code == 75, text
+    assert "stopped by a signal" in text and "Traceback" not in text
+    code, text = finish(start(data, out, "-j", "2", "--resume", "auto"))
+    assert code == 0, text
+    state, averages = runs[1]
+    assert_same_state(state, load(out / f"checkpoint_{EPOCHS - 1:04d}.pth.tar"))
+    assert epoch_averages(out) == averages
+
+
 def test_an_interrupted_save_leaves_the_previous_checkpoint_valid(
     tmp_path, monkeypatch
 ):
