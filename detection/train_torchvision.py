@@ -629,8 +629,6 @@ def print_summary(args, env, batch_size, n_train, n_test, sync_bn):
     ]
     for line in lines:
         logger.info("=> " + line)
-    if not sync_bn and env.distributed and env.is_main:
-        logger.warning("=> " + bn)
 
 
 if __name__ == "__main__":
