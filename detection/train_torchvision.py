@@ -133,7 +133,7 @@ def get_args_parser():
         "--lr",
         default=0.02,
         type=float,
-        help="base learning rate for 16 images (default: 0.02)",
+        help="learning rate (default: 0.02, the paper's for 16 images)",
     )
     parser.add_argument("--momentum", default=0.9, type=float)
     parser.add_argument(
