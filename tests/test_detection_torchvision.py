@@ -3,8 +3,10 @@
 import copy
 import json
 import os
+import signal
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -17,8 +19,14 @@ from moco.distributed import DistEnv
 from moco.models import build_encoder
 from moco.utils import UsageError
 
+try:
+    import pycocotools.cocoeval  # noqa: F401
+
+    HAVE_PYCOCOTOOLS = True
+except ImportError:
+    HAVE_PYCOCOTOOLS = False
 needs_pycocotools = pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("pycocotools"),
+    not HAVE_PYCOCOTOOLS,
     reason="pycocotools is not installed (pip install -r detection/requirements.txt)",
 )
 
@@ -278,7 +286,7 @@ def rows(dataset, boxes):
     for i, dets in boxes.items():
         for (x0, y0, x1, y1), label, score in dets:
             out.append([dataset.image_id(i), x0, y0, x1 - x0, y1 - y0, score, label])
-    return __import__("numpy").array(out, dtype=float).reshape(-1, 7)
+    return np.array(out, dtype=float).reshape(-1, 7)
 
 
 def test_voc_boxes_are_read_as_pixel_extents_from_zero(tmp_path):
@@ -497,7 +505,7 @@ def test_a_dataset_folder_in_the_wrong_layout_is_refused(tmp_path, moco_r50):
     data = write_voc(tmp_path / "voc", HAND, "trainval")
     text = usage_error(data, tmp_path / "o", *pretrained)
     assert "'2012-trainval'" in text and "VOC2012" in text
-    # a split VOC does not have
+    # a split the folder does not have
     text = usage_error(data, tmp_path / "o", *pretrained, "--train-sets", "2007-val")
     assert "val.txt" in text and "does not exist" in text
 
@@ -625,7 +633,7 @@ def test_a_killed_and_a_signalled_run_resume_to_the_same_detector(
     assert torch.load(out / det.CHECKPOINT, weights_only=True)["iter"] == 2
     # resumed, then SIGTERM in iteration 2: the step after it is the last, saved
     # (the detector of the full run) and the run ends with status 75
-    dies_at(2, then=lambda: os.kill(os.getpid(), __import__("signal").SIGTERM))
+    dies_at(2, then=lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as e:
         det.main(det_args(voc, out, *run, "--resume", "auto"))
     assert e.value.code == 75
