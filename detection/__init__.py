@@ -1,1 +1,1 @@
-"""Transfer to detection: checkpoint conversion for detectron2 and torchvision."""
+"""Transfer to detection: the detectron2 converter and route, and the torchvision route."""
