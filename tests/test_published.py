@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter
 import main_knn
 import main_lincls
 import main_moco
+from moco.builder import MoCo
 from moco.loader import pretrain_transform
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -171,6 +172,16 @@ def test_cifar10_is_the_official_demos_augmentation():
     assert isinstance(gray, T.RandomGrayscale) and gray.p == 0.2
     assert isinstance(to_tensor, T.ToTensor)
     check_normalize(normalize, CIFAR10)
+
+
+def test_the_moco_class_defaults_are_the_originals():
+    def encoder(num_classes):
+        return torch.nn.Linear(4, num_classes)
+
+    model = MoCo(encoder)
+    assert (model.K, model.m, model.T) == (65536, 0.999, 0.07)
+    assert model.queue.shape == (128, 65536) and model.encoder_q.out_features == 128
+    assert isinstance(model.encoder_q, torch.nn.Linear)  # no MLP head
 
 
 def test_main_moco_defaults_are_the_originals():
