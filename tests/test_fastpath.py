@@ -30,8 +30,7 @@ from moco.utils import UsageError
 
 
 def train_steps(model, steps, n, seed, ddp=None, images=images):
-    """SGD steps through main_moco.train_step; returns the logits of each step, and
-    its loss where a DDP model is given."""
+    """SGD steps through main_moco.train_step; returns each step's logits and loss."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     out = []
@@ -48,7 +47,7 @@ def train_steps(model, steps, n, seed, ddp=None, images=images):
             autocast=torch.autocast("cpu", enabled=False),
             symmetric=model.symmetric,
         )[:2]
-        out.append((logits.detach(), loss) if ddp else logits.detach())
+        out.append((logits.detach(), loss))
     return out
 
 
