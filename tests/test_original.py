@@ -35,9 +35,9 @@ class TinyEncoder(nn.Module):
         return self.fc(torch.relu(self.bn1(self.conv1(x))).flatten(1))
 
 
-def build(cls, mlp=False, seed=0, **kwargs):
+def build(cls, mlp=False, seed=0, queue=K, **kwargs):
     torch.manual_seed(seed)
-    return cls(TinyEncoder, dim=DIM, K=K, m=M, T=T, mlp=mlp, **kwargs)
+    return cls(TinyEncoder, dim=DIM, K=queue, m=M, T=T, mlp=mlp, **kwargs)
 
 
 def images(n, seed):
@@ -79,13 +79,15 @@ def test_one_forward_after_the_query_encoder_moved_is_the_originals():
 
 
 def project_steps(model, n_steps, symmetric=False):
-    """Training steps through main_moco.train_step, as main_moco runs one process."""
+    """Training steps through main_moco.train_step, as main_moco runs one process
+    (asymmetric: with train_step's defaults, no symmetric loss and no stop)."""
     opt = torch.optim.SGD(model.parameters(), LR, momentum=MOMENTUM, weight_decay=WD)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    extra = {"symmetric": True} if symmetric else {}
     out = []
     for i in range(n_steps):
         torch.manual_seed(1000 + i)
-        logits, loss = train_step(
+        logits, loss, _, _, stop = train_step(
             model,
             nn.CrossEntropyLoss(),
             opt,
@@ -93,19 +95,21 @@ def project_steps(model, n_steps, symmetric=False):
             images(8 if not symmetric else 4, 2 * i + 1),
             scaler=scaler,
             autocast=torch.autocast("cpu", enabled=False),
-            symmetric=symmetric,
-        )[:2]
+            **extra,
+        )
+        assert stop is False
         out.append((logits.detach(), loss))
     return out, opt
 
 
-@pytest.mark.parametrize("mlp", [False, True])
-def test_training_steps_are_the_originals_on_one_process(mlp, tmp_path):
-    model = build(MoCo, mlp)
+# a queue of 32 keys wraps around in the 5 steps; one of 8 holds exactly one batch
+@pytest.mark.parametrize("mlp, queue", [(False, K), (True, K), (False, 8)])
+def test_training_steps_are_the_originals_on_one_process(mlp, queue, tmp_path):
+    model = build(MoCo, mlp, queue=queue)
     steps, opt = project_steps(model, 5)
 
     # the original runs only in DistributedDataParallel: here in a group of one
-    ref = build(OriginalMoCo, mlp)
+    ref = build(OriginalMoCo, mlp, queue=queue)
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path}/store", world_size=1, rank=0
     )
@@ -125,7 +129,7 @@ def test_training_steps_are_the_originals_on_one_process(mlp, tmp_path):
             assert loss == ref_loss.item(), i
     finally:
         dist.destroy_process_group()
-    assert int(model.queue_ptr) == 5 * 8 % K
+    assert int(model.queue_ptr) == 5 * 8 % queue
     assert_same_state(model, ref)
     assert len(opt.param_groups) == len(ref_opt.param_groups) == 1
     for p, r in zip(model.parameters(), ref.parameters()):
