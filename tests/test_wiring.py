@@ -210,3 +210,24 @@ def test_epoch_sampler_gives_each_process_its_own_share_of_the_set(n, world):
         sampler.set_epoch(epoch)
         orders.append([index for index, _ in sampler])
     assert orders[0] != orders[1]
+
+
+def test_epoch_sampler_resumes_within_an_epoch_and_starts_at_its_first_sample():
+    sampler = EpochSampler(list(range(10)), data_seed=5)
+    fresh = list(sampler)  # no set_epoch yet: all of epoch 0
+    sampler.set_epoch(0)
+    assert fresh == list(sampler) and len(sampler) == 10
+    sampler.set_epoch(3)
+    whole = list(sampler)
+    sampler.set_epoch(3, start=4)  # resumed after 4 samples of epoch 3
+    assert list(sampler) == whole[4:] and len(sampler) == 6
+
+
+def test_every_sample_of_every_epoch_gets_its_own_augmentation_seed():
+    seeds = []
+    for data_seed in (0, 1):
+        for epoch in range(3):
+            sampler = EpochSampler(list(range(1000)), data_seed=data_seed)
+            sampler.set_epoch(epoch)
+            seeds += [seed for _, seed in sampler]
+    assert len(set(seeds)) == len(seeds) == 6000
