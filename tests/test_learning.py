@@ -75,7 +75,7 @@ def test_pretraining_lowers_the_contrastive_loss_and_moves_keys_by_the_momentum_
     # the loss first rises as it fills, as in the official demo's run, then falls
     assert epoch_losses[-1] < 0.5 * epoch_losses[1], epoch_losses
     assert instance_loss(model, data, seed=99) < before - 0.5
-    # the key encoder is no longer the query encoder, nor where it started
+    # the key encoder lags behind the query encoder
     assert not torch.equal(model.encoder_k.fc.weight, model.encoder_q.fc.weight)
 
 

@@ -133,10 +133,8 @@ def test_moco_flags_reach_the_model_the_optimizer_and_the_cosine_schedule(
     assert len(forwards) == len(steps) == 3  # one step an epoch
     for i, record in enumerate(forwards):
         assert record["batch"] == 8
-        assert record["logits"].shape == (8, 1 + 24) and record["queue"].shape == (
-            8,
-            24,
-        )
+        assert record["logits"].shape == (8, 1 + 24)
+        assert record["queue"].shape == (8, 24)
         torch.testing.assert_close(temperature(record), torch.full((8,), 0.3).double())
         assert (record["logits"][:, 0].abs() <= 1 / 0.3 + 1e-5).all()
         if i:  # at the first step the key encoder is still the query encoder's copy
