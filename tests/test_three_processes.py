@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from conftest import free_port
 from original import OriginalMoCo
 
 from moco.builder import MoCo
@@ -47,4 +46,7 @@ def _worker(rank, port):
 
 
 def test_shuffle_over_three_processes_gives_the_originals_rows():
+    # imported here: the spawned processes import this file, and need no more
+    from conftest import free_port
+
     mp.spawn(_worker, args=(free_port(),), nprocs=WORLD)
