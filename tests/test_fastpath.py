@@ -18,9 +18,11 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import REPO, free_port, load, moco_args, run_moco
-from original import OriginalMoCo, original_copy
+from original import OriginalMoCo, original_copy, original_optimizer, original_step
 from syncs import SyncCounter
 from test_builder import images, make_moco
+from test_original import build
+from test_original import images as tiny
 
 from main_moco import train_step
 from moco.builder import MoCo
@@ -28,15 +30,15 @@ from moco.distributed import wrap_ddp
 from moco.utils import NonFiniteLossError, UsageError
 
 
-def train_steps(model, steps, n, seed, ddp=None):
-    """SGD steps through main_moco.train_step; returns the logits of each step."""
+def train_steps(model, steps, n, seed, ddp=None, images=images):
+    """SGD steps through main_moco.train_step; returns each step's logits and loss."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     out = []
     for i in range(steps):
         # the shuffle's draw
         torch.manual_seed(seed + i)
-        logits = train_step(
+        logits, loss = train_step(
             ddp or model,
             nn.CrossEntropyLoss(),
             opt,
@@ -45,8 +47,8 @@ def train_steps(model, steps, n, seed, ddp=None):
             scaler=scaler,
             autocast=torch.autocast("cpu", enabled=False),
             symmetric=model.symmetric,
-        )[0]
-        out.append(logits.detach())
+        )[:2]
+        out.append((logits.detach(), loss))
     return out
 
 
@@ -77,13 +79,6 @@ def test_a_training_step_on_one_process_waits_once_for_its_values(symmetric):
     assert step_syncs(make_moco(symmetric=symmetric)) == ["read: tolist"]
 
 
-def assert_same_model(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-
-
 def test_momentum_update_is_in_place_and_bit_identical_over_steps():
     for m in (0.99, 0.999):
         model = make_moco(m=m)
@@ -101,16 +96,6 @@ def test_momentum_update_is_in_place_and_bit_identical_over_steps():
         # the same tensors, updated in place: nothing is allocated or rebound
         assert [p.data_ptr() for p in model.encoder_k.parameters()] == storage
     assert not any("scratch" in k for k in model.state_dict())
-
-
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_training_steps_are_bit_identical_to_the_original_formulas(symmetric):
-    # K 32, 8 keys a step (16 symmetric): the queue wraps around within the run
-    model = make_moco(symmetric=symmetric)
-    ref = original_copy(model)
-    for a, b in zip(train_steps(model, 5, 4, seed=10), train_steps(ref, 5, 4, seed=10)):
-        assert torch.equal(a, b)
-    assert_same_model(model, ref)
 
 
 # ---------------------------------------------------------------- two processes
@@ -164,17 +149,31 @@ def _two_process_worker(rank, port):
         assert last.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(last, model._batch_shuffle_ddp(x)[0])
 
-        # whole training steps with DDP as main_moco builds it: the same numbers
-        model = make_moco(seed=0)
-        ref = original_copy(model)
+        # whole training steps, main_moco's (DDP as it builds it, train_step) against
+        # the original's (its DDP, broadcasting buffers; its step), each built from
+        # the same seed: the same numbers
+        model, ref = build(MoCo), build(OriginalMoCo)
         ddp = wrap_ddp(model, torch.device("cpu"))
-        ddp_ref = wrap_ddp(ref, torch.device("cpu"))
+        ddp_ref = nn.parallel.DistributedDataParallel(ref)
         seed = 20 + rank  # each process its own images and its own draws
-        for a, b in zip(
-            train_steps(model, 3, N, seed, ddp), train_steps(ref, 3, N, seed, ddp_ref)
-        ):
-            assert torch.equal(a, b)
-        assert_same_model(model, ref)
+        ref_opt = original_optimizer(ddp_ref, 0.1, 0.9, 1e-4)
+        for i, (logits, loss) in enumerate(train_steps(model, 5, N, seed, ddp, tiny)):
+            torch.manual_seed(seed + i)
+            ref_logits, ref_loss = original_step(
+                ddp_ref,
+                nn.CrossEntropyLoss(),
+                ref_opt,
+                tiny(N, 2 * i + seed),
+                tiny(N, 2 * i + seed + 1),
+            )
+            assert torch.equal(logits, ref_logits) and loss == ref_loss.item(), i
+        # process 0's BatchNorm statistics, which the original broadcasts to the
+        # others before every forward, are the same too
+        sm, sr = model.state_dict(), ref.state_dict()
+        for k in sm:
+            if rank == 0 or "running" not in k and "num_batches" not in k:
+                assert torch.equal(sm[k], sr[k]), k
+        assert int(model.queue_ptr) == 5 * N * WORLD % model.K
         queues = [torch.empty_like(model.queue) for _ in range(WORLD)]
         all_gather(queues, model.queue)
         assert torch.equal(queues[0], queues[1])
