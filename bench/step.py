@@ -597,6 +597,8 @@ def main(args):
         problem = "--amp-dtype float16 needs a GPU; on the CPU use bfloat16"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problem = "--device cuda given, but no CUDA GPU is visible"
+    if args.original and args.symmetric:
+        problem = "--original has no symmetric loss (the original has none): drop one"
     if args.traffic_only and args.procs < 2 and "WORLD_SIZE" not in os.environ:
         problem = "--traffic-only needs several processes (--procs 2 or torchrun)"
     if problem:
