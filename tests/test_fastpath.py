@@ -52,7 +52,7 @@ def train_steps(model, steps, n, seed, ddp=None, images=images):
     return out
 
 
-def step_syncs(model, ddp=None, seed=0):
+def step_syncs(model, ddp=None, seed=0, images=images):
     """What one train_step would make the host wait for on a GPU (tests/syncs.py)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     with SyncCounter(model, opt) as syncs:
@@ -180,7 +180,7 @@ def _two_process_worker(rank, port):
 
         # the permutation's trip to the host for the all-to-all's split sizes, and the
         # step's one read, which holds every process's stop and non-finite flags
-        assert step_syncs(model, ddp, seed=70 + rank) == ["read: cpu", "read: tolist"]
+        assert step_syncs(model, ddp, 70 + rank, tiny) == ["read: cpu", "read: tolist"]
 
         # a stop signal or a non-finite loss on one process stops both at this step
         def step(criterion=F.cross_entropy, stop_requested=False):
@@ -188,8 +188,8 @@ def _two_process_worker(rank, port):
                 ddp,
                 criterion,
                 opt,
-                images(N, 50 + rank),
-                images(N, 60 + rank),
+                tiny(N, 50 + rank),
+                tiny(N, 60 + rank),
                 scaler=torch.amp.GradScaler("cpu", enabled=False),
                 autocast=torch.autocast("cpu", enabled=False),
                 stop_requested=stop_requested,
