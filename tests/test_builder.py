@@ -239,3 +239,20 @@ def test_small_stem_is_the_cifar_recipe():
     assert enc.conv1.kernel_size == (3, 3) and enc.conv1.stride == (1, 1)
     assert isinstance(enc.maxpool, nn.Identity)
     assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 8)
+
+
+def test_the_momentum_update_follows_the_models_dtype_after_a_conversion():
+    # its workspace is made for the parameters' dtype and device; converted after a
+    # step, the model must get k * m + q * (1 - m) in the new dtype, not the old one's
+    model = make_moco(m=0.9)
+    model._momentum_update_key_encoder()  # the workspace made, in float32
+    model.double()
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p) / 3)
+    q = [p.clone() for p in model.encoder_q.parameters()]
+    k = [p.clone() for p in model.encoder_k.parameters()]
+    model._momentum_update_key_encoder()
+    for pk, k0, q0 in zip(model.encoder_k.parameters(), k, q):
+        assert pk.dtype == torch.float64
+        assert torch.equal(pk, k0 * 0.9 + q0 * (1.0 - 0.9))

@@ -337,3 +337,29 @@ def test_benchmark_prints_the_step_the_floor_and_the_parts(capsys):
         "ratio from the parts",
     ):
         assert line in out, line
+
+
+def test_a_step_updates_the_gradient_scaler():
+    # --amp-dtype float16 scales the loss; the scaler then grows its scale after
+    # steps with finite gradients (here after every one) and must be told each step
+    def one_step(model, scaler):
+        torch.manual_seed(0)  # the shuffle's draw
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step(
+            model,
+            nn.CrossEntropyLoss(),
+            opt,
+            images(4, 0),
+            images(4, 1),
+            scaler=scaler,
+            autocast=torch.autocast("cpu", enabled=False),
+        )
+
+    scaled, plain = make_moco(), make_moco()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    one_step(scaled, scaler)
+    one_step(plain, torch.amp.GradScaler("cpu", enabled=False))
+    assert scaler.get_scale() == 2.0**11
+    # the update used the unscaled gradients (a power of two: exactly the same)
+    for a, b in zip(scaled.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
